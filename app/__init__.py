@@ -1,0 +1,1 @@
+"""Quire's Qt front end: never imports torch."""

@@ -1,0 +1,1 @@
+"""Quire's inference engine: owns torch and every GPU; never imports Qt."""
