@@ -1,0 +1,133 @@
+"""Turns a conversation (system prompt, turns, images, documents, reasoning effort) into token ids
+with the checkpoint's own tokenizer and chat template, and decodes tokens back to text.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine import api
+from engine.errors import CheckpointError, InputError
+from engine.images import IMG, PreparedImage, prepare_image
+
+THINK, END_THINK = 34, 35
+BOS, EOS = 1, 2
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    images: list[PreparedImage] = field(default_factory=list)
+    parts: list[api.TokenCountPart] = field(default_factory=list)
+
+
+DocumentReader = Callable[[Path], str]
+
+
+class ChatFormatter:
+    """The checkpoint's tokenizer + chat template (HF format, read from the model folder only)."""
+
+    def __init__(self, model_dir: Path) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        # tokenizer_config.json names TokenizersBackend; AutoTokenizer would prefer
+        # mistral-common's backend when tekken.json is present, which has no chat template.
+        from transformers import TokenizersBackend
+
+        try:
+            self.tokenizer = TokenizersBackend.from_pretrained(str(model_dir), local_files_only=True)
+        except Exception as exc:  # any failure here means the tokenizer files are unusable
+            raise CheckpointError(
+                f"The tokenizer in {model_dir} cannot be loaded ({type(exc).__name__}: {exc}). "
+                "Copy tokenizer.json, tokenizer_config.json and chat_template.jinja again."
+            ) from exc
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise CheckpointError(
+                f"{model_dir} has no chat template (chat_template.jinja). Copy it from the "
+                "original model download."
+            )
+        self.default_system = _default_system_prompt(model_dir)
+
+    def encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def build(self, messages: Sequence[api.ChatMessage], system_prompt: str, reasoning_effort: str,
+              read_document: DocumentReader | None = None) -> Prompt:
+        """Render the conversation; each image's [IMG] placeholder is expanded to its token grid."""
+        if reasoning_effort not in api.REASONING_EFFORTS:
+            raise InputError(
+                f"Reasoning effort {reasoning_effort!r} is not supported; use one of "
+                f"{', '.join(api.REASONING_EFFORTS)}."
+            )
+        if not messages or messages[-1].role != "user":
+            raise InputError("The conversation must end with a user message to answer.")
+        if not (messages[-1].content.strip() or messages[-1].images or messages[-1].documents):
+            raise InputError("The message is empty. Type a question or attach a file.")
+        system = system_prompt.strip() or self.default_system
+        rendered, images, parts = _render_messages(messages, read_document)
+        if system:
+            rendered.insert(0, {"role": "system", "content": system})
+            parts.insert(0, api.TokenCountPart("system prompt", len(self.encode_text(system))))
+        text = self.tokenizer.apply_chat_template(
+            rendered, tokenize=False, reasoning_effort=reasoning_effort
+        )
+        ids = self.encode_text(text)
+        expanded: list[int] = []
+        image_iter = iter(images)
+        for tok in ids:
+            if tok == IMG:
+                expanded.extend(next(image_iter).tokens)
+            else:
+                expanded.append(tok)
+        return Prompt(expanded, images, parts)
+
+
+def _render_messages(messages: Sequence[api.ChatMessage], read_document: DocumentReader | None
+                     ) -> tuple[list[dict], list[PreparedImage], list[api.TokenCountPart]]:
+    rendered: list[dict] = []
+    images: list[PreparedImage] = []
+    parts: list[api.TokenCountPart] = []
+    for msg in messages:
+        if msg.role == "system":
+            continue  # the system prompt is passed separately
+        if msg.role == "assistant":
+            content: list[dict] = []
+            if msg.reasoning:
+                content.append({"type": "thinking", "thinking": msg.reasoning})
+            content.append({"type": "text", "text": msg.content})
+            rendered.append({"role": "assistant", "content": content})
+            continue
+        text = msg.content
+        if msg.documents:
+            if read_document is None:
+                raise InputError("Documents cannot be read here; attach them in the app.")
+            docs = [read_document(Path(p)) for p in msg.documents]
+            text = "\n\n".join(docs + ([text] if text else []))
+        content = []
+        for path in msg.images:
+            img = prepare_image(Path(path))
+            images.append(img)
+            parts.append(api.TokenCountPart(f"image {Path(path).name}", len(img.tokens)))
+            content.append({"type": "image"})
+        if text or not content:
+            content.append({"type": "text", "text": text})
+        rendered.append({"role": "user", "content": content})
+    return rendered, images, parts
+
+
+def _default_system_prompt(model_dir: Path) -> str:
+    """The checkpoint's SYSTEM_PROMPT.txt with its placeholders filled in, if present."""
+    path = model_dir / "SYSTEM_PROMPT.txt"
+    if not path.is_file():
+        return ""
+    today = dt.date.today()
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return (text.replace("{name}", "Quire")
+            .replace("{today}", today.isoformat())
+            .replace("{yesterday}", (today - dt.timedelta(days=1)).isoformat())).strip()

@@ -1,0 +1,123 @@
+"""Command line: python -m engine.cli --model DIR --prompt TEXT [options]
+
+Streams the answer to the terminal (reasoning on stderr, dimmed), or with --json prints one
+object with prompt_ids, output_ids, text, reasoning and stats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from engine import api
+from engine.errors import QuireError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine.cli", description="Ask Mistral Small 4 offline.")
+    p.add_argument("--model", required=True, type=Path, help="model folder")
+    p.add_argument("--prompt", required=True, help="the question")
+    p.add_argument("--image", action="append", type=Path, default=[], help="attach an image (repeatable)")
+    p.add_argument("--doc", action="append", type=Path, default=[], help="attach a document (repeatable)")
+    p.add_argument("--system", default="", help="system prompt (default: the checkpoint's)")
+    p.add_argument("--reasoning-effort", choices=api.REASONING_EFFORTS, default="none")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.1)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--greedy", action="store_true", help="temperature 0 (argmax)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda if present)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--context-length", type=int, default=32768)
+    p.add_argument("--expert-cache-slots", type=int, default=None,
+                   help="force N expert slots per layer (offload path, also on CPU)")
+    p.add_argument("--targets", type=int, default=1,
+                   help="split layers over N targets (GPUs, or logical targets on one device)")
+    p.add_argument("--gpus", default="", help="comma-separated GPU indices to use")
+    p.add_argument("--record-routing", type=Path, default=None,
+                   help="write the selected expert ids per token and layer to FILE (JSON)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from engine.chat import ChatFormatter  # noqa: F401  (import errors surface early)
+    from engine.documents_bridge import document_text
+    from engine.generate import Generator
+    from engine.runtime import LoadedModel, LoadOptions
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpus = tuple(int(g) for g in args.gpus.split(",") if g.strip())
+    opts = LoadOptions(device=device, dtype=args.dtype, context_length=args.context_length,
+                       expert_cache_slots=args.expert_cache_slots, num_targets=args.targets, gpus=gpus)
+    model = LoadedModel(args.model, opts)
+    if args.record_routing:
+        model.experts.routing_log = []
+    msg = api.ChatMessage("user", args.prompt, tuple(args.image), tuple(args.doc))
+    prompt = model.formatter.build([msg], args.system, args.reasoning_effort, document_text)
+    params = api.SamplingParams(temperature=0.0 if args.greedy else args.temperature,
+                                top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+    gen = Generator(model, prompt, params, model.decoder.new_cache())
+    in_reasoning = False
+    for delta in gen.stream():
+        if args.json:
+            continue
+        if delta.kind == "reasoning":
+            sys.stderr.write(("\x1b[2m" if not in_reasoning and sys.stderr.isatty() else "") + delta.text)
+            sys.stderr.flush()
+            in_reasoning = True
+        else:
+            if in_reasoning and sys.stderr.isatty():
+                sys.stderr.write("\x1b[0m\n")
+            in_reasoning = False
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+    result = gen.result
+    counters = getattr(model.experts, "counters", lambda: {})()
+    stats = asdict(result.stats.to_event("cli", counters))
+    stats.pop("request_id")
+    stats["finish_reason"] = result.finish_reason
+    if args.record_routing:
+        _write_routing(args.record_routing, model.experts.routing_log, model.config.num_hidden_layers)
+    return {"prompt_ids": result.prompt_ids, "output_ids": result.output_ids, "text": result.text,
+            "reasoning": result.reasoning, "stats": stats}
+
+
+def _write_routing(path: Path, log: list, num_layers: int) -> None:
+    """Per token and layer, the selected expert ids: {"layers": L, "tokens": [[[ids]*L]...]}."""
+    tokens: list[list[list[int]]] = []
+    for i in range(0, len(log), num_layers):
+        step = log[i : i + num_layers]
+        for t in range(step[0].shape[0]):
+            tokens.append([sorted(layer[t].tolist()) for layer in step])
+    path.write_text(json.dumps({"format": "quire-routing-v1", "layers": num_layers, "tokens": tokens}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        out = run(args)
+    except QuireError as exc:
+        print(f"error: {exc.user_message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ncancelled", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(out))
+    else:
+        s = out["stats"]
+        print(f"\n[{s['output_tokens']} tokens, {s['decode_tokens_per_s']:.1f} tok/s, "
+              f"TTFT {s['time_to_first_token_s']:.2f} s, {s['finish_reason']}]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

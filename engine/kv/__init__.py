@@ -1,0 +1,1 @@
+"""The latent KV cache and its snapshots."""

@@ -1,0 +1,118 @@
+"""The decoder stack: embeddings, 36 MLA+MoE layers (split across devices in order), norm, lm_head.
+
+Built straight from the checkpoint: dense FP8 linears are dequantized once onto the layer's
+device; routed experts stay with the expert backend (resident or offloaded).
+Glossary: T tokens, H hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.checkpoint import Checkpoint
+from engine.kv.cache import LatentKVCache
+from engine.model.attention import AttentionWeights, mla_attention
+from engine.model.config import ModelConfig
+from engine.model.layers import rms_norm
+from engine.model.moe import ExpertBackend, MoEWeights, moe_block
+from engine.model.names import TEXT, attention_linears, layer_prefix
+from engine.model.rope import Rope
+from engine.quant import dequantize
+
+
+@dataclass
+class LayerWeights:
+    device: torch.device
+    input_layernorm: torch.Tensor
+    post_attention_layernorm: torch.Tensor
+    attn: AttentionWeights
+    moe: MoEWeights
+
+
+def load_linear(ckpt: Checkpoint, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A linear's weight, dequantized (if FP8) with its scale, on `device`."""
+    weight = ckpt.get(f"{name}.weight")
+    scale_name = f"{name}.weight_scale_inv"
+    scale = ckpt.get(scale_name) if scale_name in ckpt.tensors else None
+    return dequantize(weight, scale, dtype).to(device)
+
+
+def load_layer(ckpt: Checkpoint, layer: int, dtype: torch.dtype, device: torch.device) -> LayerWeights:
+    p = layer_prefix(layer)
+
+    def plain(name: str) -> torch.Tensor:
+        return ckpt.get(f"{p}.{name}").to(dtype=dtype, device=device)
+
+    def lin(name: str) -> torch.Tensor:
+        return load_linear(ckpt, f"{p}.{name}", dtype, device)
+
+    attn = AttentionWeights(
+        q_a_layernorm=plain("self_attn.q_a_layernorm.weight"),
+        kv_a_layernorm=plain("self_attn.kv_a_layernorm.weight"),
+        **{n: lin(f"self_attn.{n}") for n in attention_linears(ckpt.config)},
+    )
+    moe = MoEWeights(
+        gate=plain("mlp.gate.weight"),
+        shared_gate=lin("mlp.shared_experts.gate_proj"),
+        shared_up=lin("mlp.shared_experts.up_proj"),
+        shared_down=lin("mlp.shared_experts.down_proj"),
+    )
+    return LayerWeights(device, plain("input_layernorm.weight"),
+                        plain("post_attention_layernorm.weight"), attn, moe)
+
+
+class DecoderModel:
+    """The text model. `layer_devices[i]` says where layer i's dense part lives."""
+
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, layer_devices: list[torch.device],
+                 experts: ExpertBackend, progress: Callable[[int, int], None] | None = None) -> None:
+        cfg = ckpt.config
+        self.cfg, self.dtype, self.experts = cfg, dtype, experts
+        self.layer_devices = layer_devices
+        first, last = layer_devices[0], layer_devices[-1]
+        self.embed_tokens = ckpt.get(f"{TEXT}.embed_tokens.weight").to(dtype=dtype, device=first)
+        self.layers: list[LayerWeights] = []
+        for layer in range(cfg.num_hidden_layers):
+            self.layers.append(load_layer(ckpt, layer, dtype, layer_devices[layer]))
+            if progress:
+                progress(layer + 1, cfg.num_hidden_layers)
+        self.norm = ckpt.get(f"{TEXT}.norm.weight").to(dtype=dtype, device=last)
+        self.lm_head = ckpt.get("language_model.lm_head.weight").to(dtype=dtype, device=last)
+        self.ropes = {dev: Rope(cfg, dev) for dev in set(layer_devices)}
+
+    def new_cache(self) -> LatentKVCache:
+        cfg = self.cfg
+        return LatentKVCache(cfg.num_hidden_layers, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+                             self.dtype, list(self.layer_devices))
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids.to(self.embed_tokens.device), self.embed_tokens)  # [T, H]
+
+    def forward(self, embeds: torch.Tensor, cache: LatentKVCache, *, logits_for: str = "last",
+                absorb: bool | None = None, should_stop: Callable[[], bool] | None = None
+                ) -> torch.Tensor:
+        """Run T new tokens (their input embeddings [T, H]) after the cache's committed tokens.
+
+        Returns logits [1, V] for the last token (`logits_for="last"`) or [T, V] ("all").
+        """
+        num_tokens = embeds.shape[0]
+        positions = torch.arange(cache.offset, cache.offset + num_tokens)
+        h = embeds
+        for i, layer in enumerate(self.layers):
+            if should_stop is not None and should_stop():
+                raise InterruptedError
+            h = h.to(layer.device)
+            pos = positions.to(layer.device)
+            x = rms_norm(h, layer.input_layernorm, self.cfg.rms_norm_eps)
+            h = h + mla_attention(self.cfg, layer.attn, x, pos, self.ropes[layer.device], cache, i, absorb)
+            x = rms_norm(h, layer.post_attention_layernorm, self.cfg.rms_norm_eps)
+            h = h + moe_block(self.cfg, layer.moe, x, i, self.experts)
+        cache.commit(num_tokens)
+        h = h.to(self.norm.device)
+        if logits_for == "last":
+            h = h[-1:]
+        return F.linear(rms_norm(h, self.norm, self.cfg.rms_norm_eps), self.lm_head)

@@ -1,0 +1,89 @@
+"""The MoE block: router (softmax, group-limited top-k, normalised, scaled), routed experts
+through an expert backend, and the shared expert.
+
+Glossary: T tokens, H hidden, E experts, K experts per token, G groups, I expert width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from engine.model.config import ModelConfig
+from engine.model.layers import gated_mlp
+
+
+class ExpertBackend(Protocol):
+    """Computes the routed experts of one layer for a batch of tokens."""
+
+    def forward(self, layer: int, x: torch.Tensor, top_idx: torch.Tensor,
+                top_weights: torch.Tensor) -> torch.Tensor:  # [T,H],[T,K],[T,K] -> [T,H]
+        ...
+
+
+@dataclass
+class MoEWeights:
+    gate: torch.Tensor  # router [E, H]
+    shared_gate: torch.Tensor  # [I, H]
+    shared_up: torch.Tensor  # [I, H]
+    shared_down: torch.Tensor  # [H, I]
+
+
+def route(cfg: ModelConfig, x: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (top_weights [T,K], top_idx [T,K]) exactly as the reference router.
+
+    Logits and softmax stay in the activation dtype, as the reference does (routing in fp32
+    could pick different experts on near-ties).
+    """
+    e, g = cfg.n_routed_experts, cfg.n_group
+    scores = F.linear(x, gate).softmax(-1)  # [T, E]
+    if g > 1:
+        group_scores = scores.view(-1, g, e // g).topk(2, dim=-1)[0].sum(dim=-1)  # [T, G]
+        group_idx = torch.topk(group_scores, k=cfg.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)  # [T, G]
+        score_mask = group_mask.unsqueeze(-1).expand(-1, g, e // g).reshape(-1, e)  # [T, E]
+        choice = scores.masked_fill(~score_mask.bool(), 0.0)
+    else:
+        choice = scores
+    top_idx = torch.topk(choice, k=cfg.num_experts_per_tok, dim=-1, sorted=False)[1]  # [T, K]
+    top_weights = scores.gather(1, top_idx)
+    if cfg.norm_topk_prob:
+        top_weights = top_weights / (top_weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return top_weights * cfg.routed_scaling_factor, top_idx
+
+
+def moe_block(cfg: ModelConfig, w: MoEWeights, x: torch.Tensor, layer: int,
+              experts: ExpertBackend) -> torch.Tensor:
+    """x: [T, H] post-attention-normed hidden states; returns routed + shared output [T, H]."""
+    top_weights, top_idx = route(cfg, x, w.gate)
+    routed = experts.forward(layer, x, top_idx, top_weights)
+    return routed + gated_mlp(x, w.shared_gate, w.shared_up, w.shared_down)
+
+
+def run_experts(x: torch.Tensor, top_idx: torch.Tensor, top_weights: torch.Tensor,
+                expert_weights) -> torch.Tensor:
+    """Reference-order expert loop: experts in id order, outputs index-added per token.
+
+    `expert_weights(e)` returns (gate_up [2I, H], down [H, I]) for expert e on x's device,
+    or a callable computing the expert's [t, H] output itself (for CPU-served misses).
+    """
+    out = torch.zeros_like(x)
+    for e in torch.unique(top_idx).tolist():
+        token_idx, slot = torch.where(top_idx == e)
+        fn_or_weights = expert_weights(e)
+        xs = x[token_idx]
+        if callable(fn_or_weights):
+            ys = fn_or_weights(xs)
+        else:
+            ys = expert_mlp(xs, *fn_or_weights)
+        ys = ys * top_weights[token_idx, slot, None]
+        out.index_add_(0, token_idx, ys.to(out.dtype))
+    return out
+
+
+def expert_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [t, I] each
+    return F.linear(F.silu(gate) * up, down)

@@ -1,0 +1,152 @@
+"""A loaded model: checkpoint, decoder, expert backend, vision tower (lazy) and formatter,
+plus the per-session prefix caches that let follow-up questions skip re-reading documents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.chat import ChatFormatter, Prompt
+from engine.checkpoint import Checkpoint
+from engine.errors import InputError
+from engine.images import IMG
+from engine.kv.cache import LatentKVCache
+from engine.model.decoder import DecoderModel
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    device: str = "cpu"  # "cpu" | "cuda" | "cuda:1"
+    dtype: str = "bfloat16"  # "bfloat16" | "float32"
+    context_length: int = 32768
+    expert_cache_slots: int | None = None  # per layer; None = every expert resident
+    num_targets: int = 1  # split layers over this many devices (or logical targets)
+    gpus: tuple[int, ...] = ()
+    max_sessions: int = 4
+
+
+def resolve_devices(opts: LoadOptions, num_layers: int) -> list[torch.device]:
+    """Layer i's device: layers split in order over the targets (two targets may share a device)."""
+    if opts.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError("No CUDA GPU is available on this machine; choose the CPU device instead.")
+        gpus = list(opts.gpus) or ([int(opts.device.split(":")[1])] if ":" in opts.device else [0])
+        targets = [torch.device(f"cuda:{g}") for g in gpus]
+    else:
+        targets = [torch.device("cpu")]
+    num_targets = max(opts.num_targets, len(targets))
+    targets = [targets[i % len(targets)] for i in range(num_targets)]
+    per = -(-num_layers // num_targets)
+    return [targets[min(i // per, num_targets - 1)] for i in range(num_layers)]
+
+
+class LoadedModel:
+    def __init__(self, model_dir: Path, opts: LoadOptions, progress: ProgressFn | None = None) -> None:
+        t0 = time.perf_counter()
+        self.ckpt = Checkpoint.open(model_dir)
+        self.config = self.ckpt.config
+        self.opts = opts
+        self.dtype = getattr(torch, opts.dtype)
+        self.layer_devices = resolve_devices(opts, self.config.num_hidden_layers)
+        self.experts = self._make_experts()
+        self.decoder = DecoderModel(self.ckpt, self.dtype, self.layer_devices, self.experts, progress)
+        self.formatter = ChatFormatter(self.ckpt.path)
+        self.context_length = min(opts.context_length, self.config.max_position_embeddings)
+        self._vision = None
+        self.sessions: OrderedDict[str, tuple[list[int], LatentKVCache]] = OrderedDict()
+        self.load_seconds = time.perf_counter() - t0
+
+    def _make_experts(self):
+        if self.opts.expert_cache_slots is None:
+            from engine.experts.resident import ResidentExperts
+
+            return ResidentExperts(self.ckpt, self.dtype, self.layer_devices)
+        from engine.experts.offload import OffloadedExperts
+
+        return OffloadedExperts(self.ckpt, self.dtype, self.layer_devices,
+                                slots_per_layer=self.opts.expert_cache_slots)
+
+    # ------------------------------------------------------------------ forward helpers
+    @property
+    def vision(self):
+        if self._vision is None:
+            from engine.model.vision import VisionTower
+
+            self._vision = VisionTower(self.ckpt, self.dtype, self.layer_devices[0])
+        return self._vision
+
+    def embed_ids(self, ids: list[int]) -> torch.Tensor:
+        return self.decoder.embed(torch.tensor(ids, dtype=torch.long))
+
+    def embed_prompt(self, prompt: Prompt, start: int) -> torch.Tensor:
+        """Embeddings of prompt tokens [start:], with image features at the [IMG] positions."""
+        ids = torch.tensor(prompt.ids, dtype=torch.long)
+        embeds = self.decoder.embed(ids)
+        if prompt.images:
+            if not self.config.vision:
+                raise InputError("This model has no vision encoder, so it cannot read images.")
+            pixels = [torch.from_numpy(img.pixels) for img in prompt.images]
+            feats = self.vision.encode(pixels).to(embeds.dtype)
+            mask = (ids == IMG).to(embeds.device)
+            embeds = embeds.clone()
+            embeds[mask] = feats.to(embeds.device)
+        return embeds[start:]
+
+    def forward(self, embeds: torch.Tensor, cache: LatentKVCache, **kw) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.decoder.forward(embeds, cache, **kw)
+
+    # ------------------------------------------------------------------ prefix caches
+    def cache_for(self, session: str, prompt: Prompt) -> LatentKVCache:
+        """The session's cache trimmed to the longest prefix it shares with `prompt`."""
+        key = prompt_key(prompt)
+        if session and session in self.sessions:
+            cached_key, cache = self.sessions.pop(session)
+            cache.trim(common_prefix(cached_key, key))
+        else:
+            cache = self.decoder.new_cache()
+        return cache
+
+    def keep_cache(self, session: str, prompt: Prompt, output_ids: list[int], cache: LatentKVCache) -> None:
+        if not session:
+            return
+        key = (prompt_key(prompt) + list(output_ids))[: cache.offset]
+        self.sessions[session] = (key, cache)
+        while len(self.sessions) > self.opts.max_sessions:
+            self.sessions.popitem(last=False)
+
+    def close(self) -> None:
+        self.sessions.clear()
+        self.ckpt.close()
+
+
+def prompt_key(prompt: Prompt) -> list[int]:
+    """Token ids, with each image's [IMG] tokens replaced by a digest of its pixels, so two
+    different images of the same size never share a cached prefix."""
+    key = list(prompt.ids)
+    positions = [i for i, t in enumerate(key) if t == IMG]
+    cursor = 0
+    for img in prompt.images:
+        h, w = img.grid
+        digest = -int.from_bytes(hashlib.blake2b(img.pixels.tobytes(), digest_size=6).digest(), "big") - 1
+        for _ in range(h * w):
+            key[positions[cursor]] = digest
+            cursor += 1
+    return key
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

@@ -1,0 +1,205 @@
+"""Serves requests on the engine thread: plan, load, answer, count, read documents, report memory.
+
+Created by engine.service inside the engine thread; raises QuireError for expected failures
+(the service turns them into Failed events).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from engine import api
+from engine.errors import CancelledError, NoModelError, OutOfMemoryError
+
+Emit = Callable[[api.Event], None]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
+
+
+class Worker:
+    def __init__(self, emit: Emit, is_cancelled: Callable[[str], bool]) -> None:
+        self.emit = emit
+        self.is_cancelled = is_cancelled
+        self.model = None  # engine.runtime.LoadedModel once loaded
+        self.is_demo = False
+
+    def handle(self, request: api.Request) -> None:
+        handler = getattr(self, f"on_{type(request).__name__}")
+        try:
+            handler(request)
+        except CancelledError:
+            self.emit(api.StateChanged(request.request_id, "idle" if self.model else "unloaded"))
+            self.emit(api.Finished(request.request_id, "cancelled"))
+        except MemoryError as exc:
+            raise OutOfMemoryError(
+                "The computer ran out of memory. Close other programs, shorten the context length, "
+                "or lower the GPU budget, then try again."
+            ) from exc
+        except RuntimeError as exc:
+            if "out of memory" in str(exc).lower():
+                raise OutOfMemoryError(
+                    "The GPU ran out of memory. Lower the GPU budget or the context length in the "
+                    "model panel, then load again."
+                ) from exc
+            raise
+
+    def close(self) -> None:
+        if self.model is not None:
+            self.model.close()
+            self.model = None
+
+    # ------------------------------------------------------------------ model lifecycle
+    def on_PlanModel(self, req: api.PlanModel) -> None:
+        from engine.planning import plan_for_folder
+
+        self.emit(plan_for_folder(req))
+        self.emit(api.Finished(req.request_id, "stop"))
+
+    def on_LoadModel(self, req: api.LoadModel) -> None:
+        rid = req.request_id
+        self.emit(api.StateChanged(rid, "loading"))
+        t0 = time.perf_counter()
+        model_dir = Path(req.model_dir).expanduser()
+        if req.create_demo and not (model_dir / "config.json").is_file():
+            self.emit(api.LoadProgress(rid, 0, 1, "writing demo checkpoint", 0.0))
+            write_demo(model_dir)
+        from engine.checkpoint import Checkpoint
+        from engine.runtime import LoadedModel, LoadOptions
+
+        total = Checkpoint.open(model_dir).total_bytes
+        self.close()
+
+        def progress(done: int, num: int) -> None:
+            if self.is_cancelled(rid):
+                raise CancelledError()
+            self.emit(api.LoadProgress(rid, total * done // num, total, "reading weights",
+                                       time.perf_counter() - t0))
+
+        self.model = LoadedModel(model_dir, _load_options(req), progress)
+        self.is_demo = req.create_demo
+        cfg = self.model.config
+        self.emit(api.ModelLoaded(
+            rid, model_dir, model_dir.name, self.model.context_length, _device_summary(self.model),
+            self.is_demo, bool(cfg.vision), api.REASONING_EFFORTS,
+        ))
+        self.emit(api.StateChanged(rid, "idle"))
+        self.emit(api.Finished(rid, "stop"))
+
+    def on_UnloadModel(self, req: api.UnloadModel) -> None:
+        self.close()
+        _free_gpu_memory()
+        self.emit(api.StateChanged(req.request_id, "unloaded"))
+        self.emit(api.Finished(req.request_id, "stop"))
+
+    # ------------------------------------------------------------------ answering
+    def _require_model(self):
+        if self.model is None:
+            raise NoModelError("No model is loaded yet. Load a model folder (or the demo) first.")
+        return self.model
+
+    def on_Ask(self, req: api.Ask) -> None:
+        from engine.documents_bridge import document_text
+        from engine.generate import Generator
+
+        model = self._require_model()
+        rid = req.request_id
+        self.emit(api.StateChanged(rid, "prefill"))
+        prompt = model.formatter.build(req.messages, req.system_prompt, req.reasoning_effort,
+                                       document_text)
+        cache = model.cache_for(req.session, prompt)
+        gen = Generator(model, prompt, req.sampling, cache,
+                        is_cancelled=lambda: self.is_cancelled(rid),
+                        on_prefill=lambda done, total: self.emit(api.PrefillProgress(rid, done, total)),
+                        prefill_chunk=2048 if model.layer_devices[0].type == "cuda" else 512)
+        started = False
+        for delta in gen.stream():
+            if not started:
+                self.emit(api.StateChanged(rid, "generating"))
+                started = True
+            event = api.ReasoningDelta if delta.kind == "reasoning" else api.AnswerDelta
+            self.emit(event(rid, delta.text))
+        result = gen.result
+        model.keep_cache(req.session, prompt, result.output_ids, cache)
+        counters = getattr(model.experts, "counters", lambda: {})()
+        self.emit(result.stats.to_event(rid, counters))
+        self.emit(api.StateChanged(rid, "idle"))
+        self.emit(api.Finished(rid, result.finish_reason))
+
+    def on_CountTokens(self, req: api.CountTokens) -> None:
+        from engine.documents_bridge import document_text
+
+        model = self._require_model()
+        prompt = model.formatter.build(req.messages, req.system_prompt, req.reasoning_effort,
+                                       document_text)
+        parts = list(prompt.parts)
+        doc_tokens = sum(p.num_tokens for p in parts if p.label.startswith(("image ", "document ")))
+        system_tokens = sum(p.num_tokens for p in parts if p.label == "system prompt")
+        history = max(0, len(prompt.ids) - doc_tokens - system_tokens)
+        parts.append(api.TokenCountPart("conversation", history))
+        parts.append(api.TokenCountPart("answer reserve", req.max_tokens))
+        total = len(prompt.ids) + req.max_tokens
+        self.emit(api.TokenCount(req.request_id, total, model.context_length, tuple(parts),
+                                 total <= model.context_length))
+        self.emit(api.Finished(req.request_id, "stop"))
+
+    def on_ReadDocument(self, req: api.ReadDocument) -> None:
+        from engine.documents_bridge import describe_file
+
+        counter = self.model.formatter.encode_text if self.model else None
+        self.emit(describe_file(req, counter, lambda: self.is_cancelled(req.request_id)))
+        self.emit(api.Finished(req.request_id, "stop"))
+
+    def on_QueryResources(self, req: api.QueryResources) -> None:
+        from engine.resources import resource_usage
+
+        self.emit(resource_usage(req.request_id))
+        self.emit(api.Finished(req.request_id, "stop"))
+
+
+def _load_options(req: api.LoadModel):
+    import torch
+
+    from engine.runtime import LoadOptions
+
+    device = req.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return LoadOptions(device=device, dtype="bfloat16", context_length=req.context_length,
+                       expert_cache_slots=req.expert_cache_slots)
+
+
+def _device_summary(model) -> str:
+    devices = sorted({str(d) for d in model.layer_devices})
+    mode = "all experts resident" if model.opts.expert_cache_slots is None else (
+        f"{model.opts.expert_cache_slots} expert slots per layer, the rest offloaded")
+    return f"{', '.join(devices)}; {mode}; loaded in {model.load_seconds:.1f} s"
+
+
+def _free_gpu_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def write_demo(target: Path) -> None:
+    """Write the tiny demo checkpoint atomically: a crash mid-way never leaves half a folder."""
+    from engine.tiny import write_tiny_checkpoint
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=target.parent))
+    try:
+        write_tiny_checkpoint(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
