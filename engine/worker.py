@@ -68,7 +68,7 @@ class Worker:
             self.emit(api.LoadProgress(rid, 0, 1, "writing demo checkpoint", 0.0))
             write_demo(model_dir)
         from engine.checkpoint import Checkpoint
-        from engine.runtime import LoadedModel, LoadOptions
+        from engine.runtime import LoadedModel
 
         total = Checkpoint.open(model_dir).total_bytes
         self.close()

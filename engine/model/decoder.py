@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from engine.checkpoint import Checkpoint
 from engine.kv.cache import LatentKVCache
 from engine.model.attention import AttentionWeights, mla_attention
-from engine.model.config import ModelConfig
 from engine.model.layers import rms_norm
 from engine.model.moe import ExpertBackend, MoEWeights, moe_block
 from engine.model.names import TEXT, attention_linears, layer_prefix
