@@ -31,6 +31,7 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     num_bytes: int
+    file_offset: int  # where the tensor's bytes start in `file` (for zero-copy memory maps)
 
 
 class Checkpoint:
@@ -151,7 +152,9 @@ def read_header(file: Path) -> dict[str, Any]:
             "damaged or truncated. Copy it again from the original model download."
         ) from exc
     header.pop("__metadata__", None)
-    data_end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    header["__data_start__"] = 8 + header_len  # type: ignore[assignment]
+    data_end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__data_start__"),
+                   default=0)
     if 8 + header_len + data_end > size:
         missing = 8 + header_len + data_end - size
         raise CheckpointError(
@@ -173,10 +176,13 @@ def _index_tensors(folder: Path) -> dict[str, TensorInfo]:
     tensors: dict[str, TensorInfo] = {}
     for fname in files:
         file = folder / fname
-        for name, meta in read_header(file).items():
+        header = read_header(file)
+        data_start = int(header.pop("__data_start__"))
+        for name, meta in header.items():
             shape = tuple(int(d) for d in meta["shape"])
             start, end = (int(x) for x in meta["data_offsets"])
-            tensors[name] = TensorInfo(name, file, str(meta["dtype"]), shape, end - start)
+            tensors[name] = TensorInfo(name, file, str(meta["dtype"]), shape, end - start,
+                                       data_start + start)
     for name, fname in weight_map.items():
         if name not in tensors or tensors[name].file.name != fname:
             raise CheckpointError(

@@ -59,7 +59,7 @@ class LoadedModel:
         self.layer_devices = resolve_devices(opts, self.config.num_hidden_layers)
         self.experts = self._make_experts()
         self.decoder = DecoderModel(self.ckpt, self.dtype, self.layer_devices, self.experts, progress)
-        self.formatter = ChatFormatter(self.ckpt.path)
+        self._formatter: ChatFormatter | None = None
         self.context_length = min(opts.context_length, self.config.max_position_embeddings)
         self._vision = None
         self.sessions: OrderedDict[str, tuple[list[int], LatentKVCache]] = OrderedDict()
@@ -76,6 +76,13 @@ class LoadedModel:
                                 slots_per_layer=self.opts.expert_cache_slots)
 
     # ------------------------------------------------------------------ forward helpers
+    @property
+    def formatter(self) -> ChatFormatter:
+        """The tokenizer and template, loaded on first use (a few seconds for 131K tokens)."""
+        if self._formatter is None:
+            self._formatter = ChatFormatter(self.ckpt.path)
+        return self._formatter
+
     @property
     def vision(self):
         if self._vision is None:
@@ -126,6 +133,9 @@ class LoadedModel:
 
     def close(self) -> None:
         self.sessions.clear()
+        close_experts = getattr(self.experts, "close", None)
+        if close_experts:
+            close_experts()
         self.ckpt.close()
 
 

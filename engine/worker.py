@@ -80,6 +80,7 @@ class Worker:
                                        time.perf_counter() - t0))
 
         self.model = LoadedModel(model_dir, _load_options(req), progress)
+        _ = self.model.formatter  # a broken tokenizer fails the load, not the first question
         self.is_demo = req.create_demo
         cfg = self.model.config
         self.emit(api.ModelLoaded(

@@ -1,0 +1,156 @@
+"""The offloaded expert backend: a fixed number of expert slots per layer on the layer's device,
+a replacement policy, and misses served either by a copy into a slot (PCIe on a GPU) or by
+computing the expert on the CPU straight from the host store, split so both finish together.
+
+On a CPU-only machine the same code runs with device == host, so CI exercises every path.
+Glossary: T tokens, H hidden, I expert width, K experts per token, S slots.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from engine.checkpoint import Checkpoint
+from engine.experts.compute import dequant_expert, expert_forward
+from engine.experts.policy import CachePolicy, LRFUPolicy, LRUPolicy
+from engine.experts.store import HostExpertStore, LayerExperts
+from engine.model.moe import run_experts
+
+# At or above this many tokens in a forward (prefill chunks) a layer's experts are streamed
+# through staging once per chunk instead of going through the decode cache.
+STREAM_MIN_TOKENS = 64
+POLICIES = {"lru": LRUPolicy, "lrfu": LRFUPolicy}
+
+
+class LayerSlots:
+    """One layer's expert slots on its device, FP8 as shipped (dequantised at use)."""
+
+    def __init__(self, host: LayerExperts, device: torch.device, num_slots: int, first_slot: int) -> None:
+        self.host, self.device, self.first_slot = host, device, first_slot
+        shape_gu, shape_d = tuple(host.gate_up.shape[1:]), tuple(host.down.shape[1:])
+        self.gate_up = torch.empty((num_slots, *shape_gu), dtype=host.gate_up.dtype, device=device)
+        self.down = torch.empty((num_slots, *shape_d), dtype=host.down.dtype, device=device)
+        self.expert_of_slot = [-1] * num_slots
+
+    def fill(self, slot: int, expert: int) -> int:
+        """Copy expert's weights from the host store into a slot; returns the bytes moved."""
+        local = slot - self.first_slot
+        self.gate_up[local].copy_(self.host.gate_up[expert], non_blocking=True)
+        self.down[local].copy_(self.host.down[expert], non_blocking=True)
+        self.expert_of_slot[local] = expert
+        return self.host.expert_bytes()
+
+    def weights(self, slot: int, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        local = slot - self.first_slot
+        return dequant_expert(self.gate_up[local], self.host.gate_up_scale[expert],
+                              self.down[local], self.host.down_scale[expert], dtype)
+
+
+class OffloadedExperts:
+    """Expert backend with `slots_per_layer` cached experts per layer; the rest on the host."""
+
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, layer_devices: list[torch.device],
+                 slots_per_layer: int, *, host_mode: str = "pinned", policy: str = "lrfu",
+                 cpu_misses: bool = True, progress=None) -> None:
+        cfg = ckpt.config
+        self.dtype = dtype
+        self.num_experts = cfg.n_routed_experts
+        self.store = HostExpertStore(ckpt, host_mode, progress)
+        slots = max(0, min(slots_per_layer, self.num_experts))
+        self.policy: CachePolicy = POLICIES[policy](slots_per_layer=[slots] * cfg.num_hidden_layers)
+        self.layers = [LayerSlots(self.store.layers[i], dev, slots, i * slots)
+                       for i, dev in enumerate(layer_devices)]
+        self.cpu_misses = cpu_misses
+        self._cpu_pool = ThreadPoolExecutor(1, thread_name_prefix="quire-cpu-experts")
+        self.routing_log: list[torch.Tensor] | None = None
+        self.bytes_copied = 0
+        self.bytes_cpu = 0
+        self.num_cpu_experts = 0
+
+    # ------------------------------------------------------------------ expert backend
+    def forward(self, layer: int, x: torch.Tensor, top_idx: torch.Tensor,
+                top_weights: torch.Tensor) -> torch.Tensor:
+        if self.routing_log is not None:
+            self.routing_log.append(top_idx.detach().cpu())
+        if x.shape[0] >= STREAM_MIN_TOKENS:
+            return self._streamed(layer, x, top_idx, top_weights)
+        slots = self.layers[layer]
+        plan: dict[int, object] = {}
+        cpu_jobs: dict[int, Future] = {}
+        for expert in torch.unique(top_idx).tolist():
+            key = (layer, expert)
+            slot = self.policy.lookup(key)
+            if slot is None:
+                admitted = self.policy.admit(key)
+                if admitted is None and self.cpu_misses:
+                    cpu_jobs[expert] = self._submit_cpu(layer, expert, x, top_idx)
+                    continue
+                if admitted is None:  # no CPU path: serve from a staging copy, uncached
+                    plan[expert] = self._staged(layer, expert, slots.device)
+                    continue
+                slot = admitted[0]
+                self.bytes_copied += slots.fill(slot, expert)
+            plan[expert] = slots.weights(slot, expert, self.dtype)
+        for expert, job in cpu_jobs.items():
+            plan[expert] = _precomputed(job.result().to(x.device))
+        return run_experts(x, top_idx, top_weights, plan.__getitem__)
+
+    def _submit_cpu(self, layer: int, expert: int, x: torch.Tensor, top_idx: torch.Tensor) -> Future:
+        """Compute one expert for the tokens that chose it, on the CPU, from the host store."""
+        token_idx = torch.where((top_idx == expert).any(dim=-1))[0]
+        xs = x[token_idx].to("cpu")
+        host = self.store.layers[layer]
+        self.bytes_cpu += host.expert_bytes()
+        self.num_cpu_experts += 1
+
+        def job() -> torch.Tensor:
+            gate_up, down = dequant_expert(host.gate_up[expert], host.gate_up_scale[expert],
+                                           host.down[expert], host.down_scale[expert], self.dtype)
+            return expert_forward(xs, gate_up, down)
+
+        return self._cpu_pool.submit(job)
+
+    def _staged(self, layer: int, expert: int, device: torch.device):
+        host = self.store.layers[layer]
+        self.bytes_copied += host.expert_bytes()
+        return dequant_expert(host.gate_up[expert].to(device, non_blocking=True),
+                              host.gate_up_scale[expert], host.down[expert].to(device, non_blocking=True),
+                              host.down_scale[expert], self.dtype)
+
+    def _streamed(self, layer: int, x: torch.Tensor, top_idx: torch.Tensor,
+                  top_weights: torch.Tensor) -> torch.Tensor:
+        """Prefill: every expert the chunk uses once, from its slot or a staging copy; the
+        chunk's routing counts warm the cache for the decode that follows."""
+        slots = self.layers[layer]
+        experts, counts = torch.unique(top_idx, return_counts=True)
+        weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for expert in experts.tolist():
+            slot = self.policy._slot.get((layer, expert))
+            weights[expert] = (slots.weights(slot, expert, self.dtype) if slot is not None
+                               else self._staged(layer, expert, slots.device))
+        out = run_experts(x, top_idx, top_weights, weights.__getitem__)
+        self.seed({(layer, e): float(c) for e, c in zip(experts.tolist(), counts.tolist())})
+        return out
+
+    def seed(self, counts: dict[tuple[int, int], float]) -> None:
+        before = dict(self.policy._slot)
+        self.policy.seed(counts)
+        for key, slot in self.policy._slot.items():
+            if before.get(key) != slot:
+                self.bytes_copied += self.layers[key[0]].fill(slot, key[1])
+
+    def counters(self) -> dict[str, float]:
+        p = self.policy
+        return {"hits": p.num_hits, "misses": p.num_misses, "hit_rate": p.hit_rate,
+                "bytes_copied": self.bytes_copied, "bytes_cpu": self.bytes_cpu,
+                "cpu_experts": self.num_cpu_experts}
+
+    def close(self) -> None:
+        self._cpu_pool.shutdown(wait=True)
+
+
+def _precomputed(output: torch.Tensor):
+    """Adapts a CPU-computed expert output to run_experts' callable form."""
+    return lambda _xs: output

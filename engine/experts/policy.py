@@ -1,0 +1,315 @@
+"""GPU expert-cache replacement policies over (layer, expert) keys, and the Belady bound.
+
+A policy owns slot bookkeeping only (no tensors): `lookup` says where a key lives (and counts
+a hit or a miss), `admit` gives a missed key a slot, possibly evicting another, or returns
+None to bypass (the miss is served by a copy into staging or by the CPU and not cached).
+Slots are either one global pool or fixed per-layer budgets; slot ids are global ints.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+Key = tuple[int, int]  # (layer, expert)
+Counts = Mapping[Key, float] | np.ndarray  # np: [L, E] uses per layer and expert
+
+
+def _counts_items(counts: Counts) -> list[tuple[Key, float]]:
+    if isinstance(counts, np.ndarray):
+        layers, experts = np.nonzero(counts)
+        return [((int(l), int(e)), float(counts[l, e])) for l, e in zip(layers, experts)]
+    return [(key, float(c)) for key, c in counts.items() if c > 0]
+
+
+class CachePolicy:
+    """Slot bookkeeping shared by every policy; subclasses choose victims and admissions."""
+
+    def __init__(self, capacity: int | None = None,
+                 slots_per_layer: Sequence[int] | None = None) -> None:
+        if (capacity is None) == (slots_per_layer is None):
+            raise ValueError("give either capacity (a global pool) or slots_per_layer")
+        sizes = [capacity] if capacity is not None else list(slots_per_layer or [])
+        if any(s < 0 for s in sizes):
+            raise ValueError("slot counts cannot be negative")
+        self.is_per_layer = slots_per_layer is not None
+        starts = np.cumsum([0] + sizes)
+        # Free slots per partition, popped from the end so the lowest ids go first.
+        self._free = [list(range(int(starts[i + 1]) - 1, int(starts[i]) - 1, -1))
+                      for i in range(len(sizes))]
+        self._sizes = sizes
+        self._slot: dict[Key, int] = {}
+        self.num_hits = 0
+        self.num_misses = 0
+        self.num_evictions = 0
+        self.num_bypasses = 0
+
+    @property
+    def capacity(self) -> int:
+        return sum(self._sizes)
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.num_hits + self.num_misses
+        return self.num_hits / total if total else 0.0
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._slot
+
+    def __len__(self) -> int:
+        return len(self._slot)
+
+    def peek(self, key: Key) -> int | None:
+        """The slot holding key, or None, without counting or touching recency."""
+        return self._slot.get(key)
+
+    def resident(self) -> dict[Key, int]:
+        """A copy of the resident keys and their slots."""
+        return dict(self._slot)
+
+    def _part(self, key: Key) -> int:
+        return key[0] if self.is_per_layer else 0
+
+    def lookup(self, key: Key) -> int | None:
+        """The slot holding key, or None; counts a hit or a miss."""
+        slot = self._slot.get(key)
+        if slot is None:
+            self.num_misses += 1
+            self._on_miss(key)
+        else:
+            self.num_hits += 1
+            self._on_hit(key)
+        return slot
+
+    def admit(self, key: Key) -> tuple[int, Key | None] | None:
+        """Give key a slot: (slot, evicted key or None), or None to bypass (do not cache)."""
+        if key in self._slot:
+            return self._slot[key], None
+        part = self._part(key)
+        if part >= len(self._free) or self._sizes[part] == 0:
+            self.num_bypasses += 1
+            return None
+        if self._free[part]:
+            slot, victim = self._free[part].pop(), None
+        else:
+            victim = self._victim(key, part)
+            if victim is None:
+                self.num_bypasses += 1
+                return None
+            slot = self._slot.pop(victim)
+            self._on_evict(victim)
+            self.num_evictions += 1
+        self._slot[key] = slot
+        self._on_admit(key)
+        return slot, victim
+
+    def evict(self, key: Key) -> int | None:
+        """Drop key (e.g. its slot is needed elsewhere); returns the freed slot or None."""
+        slot = self._slot.pop(key, None)
+        if slot is not None:
+            self._on_evict(key)
+            self._free[self._part(key)].append(slot)
+        return slot
+
+    def access(self, key: Key) -> bool:
+        """lookup, then admit on a miss; True on a hit (what a simulator does per use)."""
+        if self.lookup(key) is not None:
+            return True
+        self.admit(key)
+        return False
+
+    def seed(self, counts: Counts) -> None:
+        """Warm the cache from routing counts (e.g. the prefill's): hottest keys admitted."""
+        for key, _ in sorted(_counts_items(counts), key=lambda kc: -kc[1]):
+            part = self._part(key)
+            if part < len(self._free) and self._free[part] and key not in self._slot:
+                self._slot[key] = self._free[part].pop()
+                self._on_admit(key)
+
+    # Hooks for subclasses.
+    def _on_hit(self, key: Key) -> None: ...
+    def _on_miss(self, key: Key) -> None: ...
+    def _on_admit(self, key: Key) -> None: ...
+    def _on_evict(self, key: Key) -> None: ...
+
+    def _victim(self, key: Key, part: int) -> Key | None:
+        raise NotImplementedError
+
+
+class LRUPolicy(CachePolicy):
+    """Least recently used; always admits (no bypass)."""
+
+    def __init__(self, capacity: int | None = None,
+                 slots_per_layer: Sequence[int] | None = None) -> None:
+        super().__init__(capacity, slots_per_layer)
+        self._order: list[OrderedDict[Key, None]] = [OrderedDict() for _ in self._sizes]
+
+    def _on_hit(self, key: Key) -> None:
+        self._order[self._part(key)].move_to_end(key)
+
+    def _on_admit(self, key: Key) -> None:
+        self._order[self._part(key)][key] = None
+
+    def _on_evict(self, key: Key) -> None:
+        del self._order[self._part(key)][key]
+
+    def _victim(self, key: Key, part: int) -> Key | None:
+        return next(iter(self._order[part]))
+
+    def seed(self, counts: Counts) -> None:
+        super().seed(counts)  # admitted hottest first, so the hottest become least recent ...
+        for order in self._order:  # ... reverse: the hottest are the most recent
+            for key in reversed(list(order)):
+                order.move_to_end(key)
+
+
+class LRFUPolicy(CachePolicy):
+    """Decayed frequency (LRFU) with bypass admission.
+
+    Every key, resident or not, has a score: the sum over its past uses of 2^(-age/half_life),
+    age counted in uses of the key's layer (K per token). The victim is the resident with the
+    lowest score; a missed key is admitted only when its score beats the victim's by
+    `admit_margin` (log2 units), so a one-off miss does not evict a hot expert. Scores are
+    kept as log2 of the sum scaled to a fixed origin, so comparisons never need rescaling.
+    """
+
+    def __init__(self, capacity: int | None = None,
+                 slots_per_layer: Sequence[int] | None = None, half_life: float = 64.0,
+                 admit_margin: float = 0.0) -> None:
+        super().__init__(capacity, slots_per_layer)
+        self.half_life = half_life
+        self.admit_margin = admit_margin
+        self._clock: dict[int, int] = {}  # uses so far per layer
+        self._score: dict[Key, float] = {}  # log2(sum 2^(t_use / half_life))
+        self._heaps: list[list[tuple[float, Key]]] = [[] for _ in self._sizes]
+
+    def _touch(self, key: Key) -> float:
+        layer = key[0]
+        now = self._clock.get(layer, 0) / self.half_life
+        self._clock[layer] = self._clock.get(layer, 0) + 1
+        old = self._score.get(key)
+        if old is None:
+            new = now
+        else:  # log2(2^old + 2^now) without overflow
+            high, low = (old, now) if old > now else (now, old)
+            new = high + math.log2(1.0 + 2.0 ** (low - high))
+        self._score[key] = new
+        return new
+
+    def _push(self, key: Key) -> None:
+        heap = self._heaps[self._part(key)]
+        heapq.heappush(heap, (self._score[key], key))
+        if len(heap) > 4 * len(self._slot) + 64:  # drop stale entries now and then
+            part = self._part(key)
+            fresh = [(self._score[k], k) for k in self._slot if self._part(k) == part]
+            heapq.heapify(fresh)
+            self._heaps[part] = fresh
+
+    def _on_hit(self, key: Key) -> None:
+        self._touch(key)
+        self._push(key)
+
+    def _on_miss(self, key: Key) -> None:
+        self._touch(key)
+
+    def _on_admit(self, key: Key) -> None:
+        self._push(key)
+
+    def _victim(self, key: Key, part: int) -> Key | None:
+        heap = self._heaps[part]
+        while heap:
+            score, victim = heap[0]
+            if victim in self._slot and self._score[victim] == score:
+                break
+            heapq.heappop(heap)  # stale: evicted or re-scored since
+        else:
+            return None
+        return victim if self._score[key] > score + self.admit_margin else None
+
+    def seed(self, counts: Counts) -> None:
+        """Scores from counts, scaled per layer to a decayed window's total (~1.44 half-lives)."""
+        items = _counts_items(counts)
+        totals: dict[int, float] = {}
+        for (layer, _), c in items:
+            totals[layer] = totals.get(layer, 0.0) + c
+        window = self.half_life / math.log(2)  # sum over ages of 2^(-age/half_life)
+        for (layer, expert), c in items:
+            now = self._clock.get(layer, 0) / self.half_life
+            self._score[(layer, expert)] = now + math.log2(c * window / totals[layer])
+        super().seed(counts)
+
+
+def simulate(policy: CachePolicy, trace: np.ndarray) -> float:
+    """Replay a [T, L, K] trace through policy (lookup, admit on miss); the hit rate of it."""
+    hits0, misses0 = policy.num_hits, policy.num_misses
+    access = policy.access
+    num_layers = trace.shape[1]
+    for token in trace.tolist():
+        for layer in range(num_layers):
+            for expert in token[layer]:
+                access((layer, expert))
+    total = policy.num_hits - hits0 + policy.num_misses - misses0
+    return (policy.num_hits - hits0) / total if total else 0.0
+
+
+def _next_use(seq: np.ndarray) -> np.ndarray:
+    """For each position, the position of the next use of the same key (len(seq) if none)."""
+    order = np.argsort(seq, kind="stable")
+    nxt = np.full(len(seq), len(seq), dtype=np.int64)
+    same = seq[order[1:]] == seq[order[:-1]]
+    nxt[order[:-1][same]] = order[1:][same]
+    return nxt
+
+
+def _belady_hits(seq: np.ndarray, capacity: int, bypass: bool) -> int:
+    """Hits of MIN on one stream: evict the furthest next use; with bypass, admit only if
+    the newcomer's next use is sooner than the furthest resident's."""
+    if capacity <= 0:
+        return 0
+    nxt = _next_use(seq).tolist()
+    never = len(seq)
+    resident: dict[int, int] = {}  # key -> its next use
+    heap: list[tuple[int, int]] = []  # (-next use, key), lazily cleaned
+    hits = 0
+    for i, key in enumerate(seq.tolist()):
+        if key in resident:
+            hits += 1
+        elif len(resident) >= capacity:
+            while -heap[0][0] != resident.get(heap[0][1]):
+                heapq.heappop(heap)
+            far = -heap[0][0]
+            if bypass and nxt[i] >= far:
+                continue
+            del resident[heapq.heappop(heap)[1]]
+        elif bypass and nxt[i] == never:
+            continue
+        resident[key] = nxt[i]
+        heapq.heappush(heap, (-nxt[i], key))
+    return hits
+
+
+def belady_hit_rate(trace: np.ndarray, capacity: int | Sequence[int], per_layer: bool = True,
+                    bypass: bool = True) -> float:
+    """Offline optimum hit rate (Belady's MIN, with bypass by default) for a [T, L, K] trace.
+
+    capacity: slots per layer (an int for every layer, or one per layer) when per_layer,
+    else the size of one global pool over all layers' experts.
+    """
+    num_tokens, num_layers, k = trace.shape
+    total = num_tokens * num_layers * k
+    if total == 0:
+        return 0.0
+    if not per_layer:
+        if not isinstance(capacity, int):
+            raise ValueError("a global pool takes one capacity")
+        num_experts = int(trace.max()) + 1
+        keys = (np.arange(num_layers)[None, :, None] * num_experts + trace).ravel()
+        return _belady_hits(keys, capacity, bypass) / total
+    sizes = [capacity] * num_layers if isinstance(capacity, int) else list(capacity)
+    hits = sum(_belady_hits(trace[:, layer, :].ravel().astype(np.int64), sizes[layer], bypass)
+               for layer in range(num_layers))
+    return hits / total

@@ -1,0 +1,87 @@
+"""The host expert store: every routed expert of every layer, FP8 as shipped, in host memory.
+
+Two modes: "pinned" copies each layer's fused tensors from the memory-mapped shards into
+page-locked RAM once (fast PCIe copies, one copy of the weights: the mapping is dropped);
+"mmap" serves them straight from the mapped files (RAM short: the OS pages them in).
+Glossary: E experts, I expert width, H hidden.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.checkpoint import Checkpoint, TensorInfo
+from engine.model.names import layer_prefix
+from engine.quant import FP8_DTYPE
+
+NP_DTYPES = {"F8_E4M3": np.uint8, "BF16": np.uint16, "F16": np.float16, "F32": np.float32}
+TORCH_VIEW = {"F8_E4M3": FP8_DTYPE, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def mapped_tensor(info: TensorInfo) -> torch.Tensor:
+    """A zero-copy view of a tensor's bytes in its shard, backed by the page cache.
+
+    Copy-on-write mapping: the view is writable for torch's sake, but nothing is ever
+    written through it and the file on disk can never change.
+    """
+    arr = np.memmap(info.file, dtype=NP_DTYPES[info.dtype], mode="c", offset=info.file_offset,
+                    shape=info.shape)
+    return torch.from_numpy(arr).view(TORCH_VIEW[info.dtype])
+
+
+@dataclass
+class LayerExperts:
+    gate_up: torch.Tensor  # [E, 2I, H] FP8 (or bf16 for unquantised checkpoints)
+    down: torch.Tensor  # [E, H, I]
+    gate_up_scale: torch.Tensor  # [E] fp32 multipliers (ones when unquantised)
+    down_scale: torch.Tensor  # [E]
+
+    def expert_bytes(self) -> int:
+        return (self.gate_up[0].numel() * self.gate_up.element_size()
+                + self.down[0].numel() * self.down.element_size())
+
+
+class HostExpertStore:
+    """All layers' routed experts on the host, in the format they were shipped in."""
+
+    def __init__(self, ckpt: Checkpoint, mode: str = "pinned",
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        if mode not in ("pinned", "mmap", "ram"):
+            raise ValueError(f"unknown host store mode {mode!r}")
+        # Page-locked memory needs a CUDA driver; without one "pinned" falls back to plain RAM.
+        self.mode = "ram" if mode == "pinned" and not torch.cuda.is_available() else mode
+        self.layers: list[LayerExperts] = []
+        num_layers = ckpt.config.num_hidden_layers
+        for layer in range(num_layers):
+            self.layers.append(self._load_layer(ckpt, layer))
+            if progress:
+                progress(layer + 1, num_layers)
+
+    def _load_layer(self, ckpt: Checkpoint, layer: int) -> LayerExperts:
+        p = f"{layer_prefix(layer)}.mlp.experts"
+        tensors = []
+        for name in ("gate_up_proj", "down_proj"):
+            mapped = mapped_tensor(ckpt.tensors[f"{p}.{name}"])
+            if self.mode == "mmap":
+                tensors.append(mapped)
+            else:
+                host = torch.empty(mapped.shape, dtype=mapped.dtype, pin_memory=self.mode == "pinned")
+                host.copy_(mapped)  # straight from the page cache into (pinned) RAM
+                tensors.append(host)
+        scales = []
+        for name in ("gate_up_proj_scale_inv", "down_proj_scale_inv"):
+            full = f"{p}.{name}"
+            num_experts = tensors[0].shape[0]
+            scale = ckpt.get(full).float().reshape(num_experts) if full in ckpt.tensors else \
+                torch.ones(num_experts)
+            scales.append(scale)
+        return LayerExperts(tensors[0], tensors[1], scales[0], scales[1])
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.gate_up.numel() * t.gate_up.element_size() + t.down.numel() * t.down.element_size()
+                   for t in self.layers)
