@@ -73,6 +73,7 @@ class LoadModel:
     context_length: int = 32768
     expert_cache_slots: int | None = None  # per layer; None = as the plan decides
     create_demo: bool = False
+    snapshot_dir: Path | None = None  # where document prefixes are saved between runs
 
 
 @dataclass(frozen=True)

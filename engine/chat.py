@@ -70,7 +70,8 @@ class ChatFormatter:
         if not (messages[-1].content.strip() or messages[-1].images or messages[-1].documents):
             raise InputError("The message is empty. Type a question or attach a file.")
         system = system_prompt.strip() or self.default_system
-        rendered, images, parts = _render_messages(messages, read_document)
+        rendered, images, parts = _render_messages(messages, read_document,
+                                                   lambda t: len(self.encode_text(t)))
         if system:
             rendered.insert(0, {"role": "system", "content": system})
             parts.insert(0, api.TokenCountPart("system prompt", len(self.encode_text(system))))
@@ -88,7 +89,8 @@ class ChatFormatter:
         return Prompt(expanded, images, parts)
 
 
-def _render_messages(messages: Sequence[api.ChatMessage], read_document: DocumentReader | None
+def _render_messages(messages: Sequence[api.ChatMessage], read_document: DocumentReader | None,
+                     count_tokens: Callable[[str], int],
                      ) -> tuple[list[dict], list[PreparedImage], list[api.TokenCountPart]]:
     rendered: list[dict] = []
     images: list[PreparedImage] = []
@@ -108,6 +110,8 @@ def _render_messages(messages: Sequence[api.ChatMessage], read_document: Documen
             if read_document is None:
                 raise InputError("Documents cannot be read here; attach them in the app.")
             docs = [read_document(Path(p)) for p in msg.documents]
+            parts.extend(api.TokenCountPart(f"document {Path(p).name}", count_tokens(d))
+                         for p, d in zip(msg.documents, docs))
             text = "\n\n".join(docs + ([text] if text else []))
         content = []
         for path in msg.images:

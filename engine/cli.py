@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", default="", help="comma-separated GPU indices to use")
     p.add_argument("--record-routing", type=Path, default=None,
                    help="write the selected expert ids per token and layer to FILE (JSON)")
+    p.add_argument("--session", default="",
+                   help="keep this conversation's document prefix cached on disk across runs")
+    p.add_argument("--snapshot-dir", type=Path, default=None,
+                   help="where --session prefixes are kept (default: the user cache folder)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     return p
 
@@ -55,8 +59,12 @@ def run(args: argparse.Namespace) -> dict:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     gpus = tuple(int(g) for g in args.gpus.split(",") if g.strip())
+    snapshot_dir = None
+    if args.session:
+        snapshot_dir = args.snapshot_dir or default_snapshot_dir()
     opts = LoadOptions(device=device, dtype=args.dtype, context_length=args.context_length,
-                       expert_cache_slots=args.expert_cache_slots, num_targets=args.targets, gpus=gpus)
+                       expert_cache_slots=args.expert_cache_slots, num_targets=args.targets, gpus=gpus,
+                       snapshot_dir=snapshot_dir, snapshot_min_tokens=64)
     model = LoadedModel(args.model, opts)
     if args.record_routing:
         model.experts.routing_log = []
@@ -64,7 +72,8 @@ def run(args: argparse.Namespace) -> dict:
     prompt = model.formatter.build([msg], args.system, args.reasoning_effort, document_text)
     params = api.SamplingParams(temperature=0.0 if args.greedy else args.temperature,
                                 top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
-    gen = Generator(model, prompt, params, model.decoder.new_cache())
+    cache = model.cache_for(args.session, prompt)
+    gen = Generator(model, prompt, params, cache)
     in_reasoning = False
     for delta in gen.stream():
         if args.json:
@@ -80,6 +89,7 @@ def run(args: argparse.Namespace) -> dict:
             sys.stdout.write(delta.text)
             sys.stdout.flush()
     result = gen.result
+    model.keep_cache(args.session, prompt, result.output_ids, cache)
     counters = getattr(model.experts, "counters", lambda: {})()
     stats = asdict(result.stats.to_event("cli", counters))
     stats.pop("request_id")
@@ -88,6 +98,12 @@ def run(args: argparse.Namespace) -> dict:
         _write_routing(args.record_routing, model.experts.routing_log, model.config.num_hidden_layers)
     return {"prompt_ids": result.prompt_ids, "output_ids": result.output_ids, "text": result.text,
             "reasoning": result.reasoning, "stats": stats}
+
+
+def default_snapshot_dir() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("Quire", appauthor=False)) / "kv-snapshots"
 
 
 def _write_routing(path: Path, log: list, num_layers: int) -> None:

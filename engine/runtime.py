@@ -32,6 +32,9 @@ class LoadOptions:
     num_targets: int = 1  # split layers over this many devices (or logical targets)
     gpus: tuple[int, ...] = ()
     max_sessions: int = 4
+    snapshot_dir: Path | None = None  # where session prefixes are saved; None = not saved
+    snapshot_min_tokens: int = 1024  # shorter prefixes are cheaper to re-read than to restore
+    snapshot_budget_bytes: int = 20 * 2**30
 
 
 def resolve_devices(opts: LoadOptions, num_layers: int) -> list[torch.device]:
@@ -63,6 +66,13 @@ class LoadedModel:
         self.context_length = min(opts.context_length, self.config.max_position_embeddings)
         self._vision = None
         self.sessions: OrderedDict[str, tuple[list[int], LatentKVCache]] = OrderedDict()
+        self.snapshots = None
+        if opts.snapshot_dir is not None:
+            from engine.kv.snapshot import SnapshotStore, model_identity
+
+            self.snapshots = SnapshotStore(opts.snapshot_dir, model_identity(self.ckpt.path, opts.dtype),
+                                           opts.snapshot_budget_bytes)
+        self._saved_digest: dict[str, str] = {}
         self.load_seconds = time.perf_counter() - t0
 
     def _make_experts(self):
@@ -119,17 +129,32 @@ class LoadedModel:
         if session and session in self.sessions:
             cached_key, cache = self.sessions.pop(session)
             cache.trim(common_prefix(cached_key, key))
-        else:
-            cache = self.decoder.new_cache()
+            return cache
+        cache = self.decoder.new_cache()
+        snap = self.snapshots.load(session) if (session and self.snapshots) else None
+        if snap is not None:
+            cache.load_state(snap.state)
+            cache.trim(common_prefix(snap.key, key))
+            from engine.kv.snapshot import digest_key
+
+            self._saved_digest[session] = digest_key(snap.key)
         return cache
 
     def keep_cache(self, session: str, prompt: Prompt, output_ids: list[int], cache: LatentKVCache) -> None:
         if not session:
             return
-        key = (prompt_key(prompt) + list(output_ids))[: cache.offset]
+        prefix = prompt_key(prompt)
+        key = (prefix + list(output_ids))[: cache.offset]
         self.sessions[session] = (key, cache)
         while len(self.sessions) > self.opts.max_sessions:
             self.sessions.popitem(last=False)
+        if self.snapshots is not None and len(prefix) >= self.opts.snapshot_min_tokens:
+            from engine.kv.snapshot import digest_key
+
+            digest = digest_key(prefix)
+            if self._saved_digest.get(session) != digest:
+                self.snapshots.save(session, prefix, cache.state(len(prefix)))
+                self._saved_digest[session] = digest
 
     def close(self) -> None:
         self.sessions.clear()

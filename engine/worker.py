@@ -170,7 +170,7 @@ def _load_options(req: api.LoadModel):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return LoadOptions(device=device, dtype="bfloat16", context_length=req.context_length,
-                       expert_cache_slots=req.expert_cache_slots)
+                       expert_cache_slots=req.expert_cache_slots, snapshot_dir=req.snapshot_dir)
 
 
 def _device_summary(model) -> str:

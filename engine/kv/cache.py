@@ -62,16 +62,17 @@ class LatentKVCache:
         per_token = (self.kv_lora_rank + self.rope_dim) * torch.finfo(self.dtype).bits // 8
         return self.offset * per_token * self.num_layers
 
-    def state(self) -> dict[str, torch.Tensor]:
-        """The committed entries as CPU tensors (for snapshots)."""
+    def state(self, num_tokens: int | None = None) -> dict[str, torch.Tensor]:
+        """The first `num_tokens` committed entries (default: all) as CPU tensors."""
+        n = self.offset if num_tokens is None else min(num_tokens, self.offset)
         out: dict[str, torch.Tensor] = {}
         for layer in range(self.num_layers):
             lat, rope = self._latent[layer], self._rope[layer]
             if lat is None or rope is None:
                 lat = torch.zeros(0, self.kv_lora_rank, dtype=self.dtype)
                 rope = torch.zeros(0, self.rope_dim, dtype=self.dtype)
-            out[f"latent.{layer}"] = lat[: self.offset].cpu().contiguous()
-            out[f"k_rope.{layer}"] = rope[: self.offset].cpu().contiguous()
+            out[f"latent.{layer}"] = lat[:n].cpu().contiguous()
+            out[f"k_rope.{layer}"] = rope[:n].cpu().contiguous()
         return out
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:

@@ -36,3 +36,19 @@ def test_tiny_writer_cli(tmp_path):
     assert cfg["text_config"]["num_hidden_layers"] == 1 and cfg["text_config"]["n_routed_experts"] == 4
     again = _run("-m", "engine.tiny", str(out))
     assert again.returncode == 2 and "not empty" in again.stderr
+
+
+def test_cli_doc_and_session_reuse_the_prefix_across_runs(tiny_checkpoint, tmp_path):
+    doc = tmp_path / "notes.txt"
+    doc.write_text("The launch is on 4 May. The budget is 12,000 euros.\n" * 20)
+    base = ["-m", "engine.cli", "--model", str(tiny_checkpoint), "--doc", str(doc), "--greedy",
+            "--max-tokens", "3", "--device", "cpu", "--dtype", "float32", "--session", "notes",
+            "--snapshot-dir", str(tmp_path / "snaps"), "--json"]
+    first = _run(*base, "--prompt", "When is the launch?")
+    assert first.returncode == 0, first.stderr
+    out1 = json.loads(first.stdout)
+    assert out1["stats"]["cached_prompt_tokens"] == 0
+    assert list((tmp_path / "snaps").glob("*.safetensors"))
+    second = _run(*base, "--prompt", "What is the budget?")
+    out2 = json.loads(second.stdout)
+    assert out2["stats"]["cached_prompt_tokens"] > 200
