@@ -32,6 +32,7 @@ class LoadOptions:
     num_targets: int = 1  # split layers over this many devices (or logical targets)
     gpus: tuple[int, ...] = ()
     max_sessions: int = 4
+    host_mode: str = "pinned"  # "pinned" | "mmap": where offloaded experts live on the host
     snapshot_dir: Path | None = None  # where session prefixes are saved; None = not saved
     snapshot_min_tokens: int = 1024  # shorter prefixes are cheaper to re-read than to restore
     snapshot_budget_bytes: int = 20 * 2**30
@@ -83,7 +84,8 @@ class LoadedModel:
         from engine.experts.offload import OffloadedExperts
 
         return OffloadedExperts(self.ckpt, self.dtype, self.layer_devices,
-                                slots_per_layer=self.opts.expert_cache_slots)
+                                slots_per_layer=self.opts.expert_cache_slots,
+                                host_mode=self.opts.host_mode)
 
     # ------------------------------------------------------------------ forward helpers
     @property

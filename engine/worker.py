@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from engine import api
@@ -70,7 +71,8 @@ class Worker:
         from engine.checkpoint import Checkpoint
         from engine.runtime import LoadedModel
 
-        total = Checkpoint.open(model_dir).total_bytes
+        ckpt = Checkpoint.open(model_dir)
+        total = ckpt.total_bytes
         self.close()
 
         def progress(done: int, num: int) -> None:
@@ -79,7 +81,7 @@ class Worker:
             self.emit(api.LoadProgress(rid, total * done // num, total, "reading weights",
                                        time.perf_counter() - t0))
 
-        self.model = LoadedModel(model_dir, _load_options(req), progress)
+        self.model = LoadedModel(model_dir, _load_options(req, ckpt), progress)
         _ = self.model.formatter  # a broken tokenizer fails the load, not the first question
         self.is_demo = req.create_demo
         cfg = self.model.config
@@ -161,7 +163,9 @@ class Worker:
         self.emit(api.Finished(req.request_id, "stop"))
 
 
-def _load_options(req: api.LoadModel):
+def _load_options(req: api.LoadModel, ckpt):
+    """CPU: every expert resident (tiny and test models). GPU: the placement plan decides the
+    layer split, the expert slots per layer and whether the host store is pinned or mapped."""
     import torch
 
     from engine.runtime import LoadOptions
@@ -169,8 +173,19 @@ def _load_options(req: api.LoadModel):
     device = req.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return LoadOptions(device=device, dtype="bfloat16", context_length=req.context_length,
+    opts = LoadOptions(device=device, dtype="bfloat16", context_length=req.context_length,
                        expert_cache_slots=req.expert_cache_slots, snapshot_dir=req.snapshot_dir)
+    if not device.startswith("cuda"):
+        return opts
+    from engine.planning import make_plan
+
+    plan = make_plan(ckpt, device, req.gpu_budget_bytes, req.context_length, req.expert_cache_slots)
+    if not plan.fits:
+        raise OutOfMemoryError(f"The model does not fit this machine as configured: {plan.summary()}")
+    gpus = tuple(t.gpu_index for t in plan.targets if t.gpu_index is not None)
+    slots = min(min(t.slots_per_layer) for t in plan.targets if t.slots_per_layer)
+    return replace(opts, expert_cache_slots=slots, num_targets=len(plan.targets), gpus=gpus,
+                   host_mode=plan.host_store)
 
 
 def _device_summary(model) -> str:

@@ -129,3 +129,12 @@ def test_bug_in_a_handler_keeps_the_thread_alive(service, tiny_checkpoint):
     svc.submit(api.QueryResources("m"))
     usage = next(e for e in sink.until_finished("m") if isinstance(e, api.ResourceUsage))
     assert usage.host_total_bytes > 0
+
+
+def test_plan_is_shown_before_loading(service, tiny_checkpoint):
+    svc, sink = service
+    svc.submit(api.PlanModel("p", tiny_checkpoint, device="cpu", context_length=4096))
+    plan = next(e for e in sink.until_finished("p") if isinstance(e, api.PlanReady))
+    assert plan.fits and plan.summary.startswith("fits:")
+    assert any("KV cache (4,096 tokens)" in part.what for part in plan.parts)
+    assert any(part.what.startswith("routed experts") for part in plan.parts)

@@ -1,0 +1,65 @@
+"""From a model folder and the machine to a placement plan (engine.placement does the maths):
+the PlanReady event the app shows before loading, and the slots/split a load uses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine import api
+from engine.checkpoint import Checkpoint
+from engine.model.names import TEXT, layer_prefix
+from engine.placement import (
+    ModelShape,
+    PlacementPlan,
+    detect_gpus,
+    detect_host_memory,
+    plan_placement,
+)
+
+
+def shape_of(ckpt: Checkpoint) -> ModelShape:
+    """Byte sizes read from the checkpoint's headers (so any variant is planned exactly)."""
+    cfg, tensors = ckpt.config, ckpt.tensors
+    experts = f"{layer_prefix(0)}.mlp.experts."
+    expert_total = sum(t.num_bytes for n, t in tensors.items() if n.startswith(experts)
+                       and n.endswith(("gate_up_proj", "down_proj")))
+    layer0 = layer_prefix(0) + "."
+    dense_layer = sum(t.num_bytes for n, t in tensors.items()
+                      if n.startswith(layer0) and not n.startswith(experts))
+    vision = sum(t.num_bytes for n, t in tensors.items()
+                 if n.startswith(("vision_tower.", "multi_modal_projector.")))
+    return ModelShape.from_config(
+        num_layers=cfg.num_hidden_layers, num_experts=cfg.n_routed_experts,
+        experts_per_token=cfg.num_experts_per_tok,
+        expert_bytes=expert_total // cfg.n_routed_experts, dense_bytes_per_layer=dense_layer,
+        embed_bytes=tensors[f"{TEXT}.embed_tokens.weight"].num_bytes,
+        lm_head_bytes=tensors["language_model.lm_head.weight"].num_bytes
+        + tensors[f"{TEXT}.norm.weight"].num_bytes,
+        kv_bytes_per_token_per_layer=2 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim),
+        vision_bytes=vision,
+    )
+
+
+def make_plan(ckpt: Checkpoint, device: str, gpu_budget_bytes: int | None, context_length: int,
+              expert_slots: int | None = None, num_targets: int = 1) -> PlacementPlan:
+    gpus = detect_gpus() if device in ("auto", "cuda") or device.startswith("cuda") else []
+    host_total, host_available = detect_host_memory()
+    targets = None
+    if not gpus:
+        targets = ["cpu"] * max(1, num_targets)
+    elif num_targets > len(gpus):
+        targets = [f"cuda:{gpus[i % len(gpus)].index}" for i in range(num_targets)]
+    return plan_placement(shape_of(ckpt), gpus, host_available_bytes=host_available,
+                          host_total_bytes=host_total, context_length=context_length,
+                          targets=targets, gpu_budget=gpu_budget_bytes,
+                          expert_slots_per_layer=expert_slots)
+
+
+def plan_for_folder(req: api.PlanModel) -> api.PlanReady:
+    ckpt = Checkpoint.open(Path(req.model_dir).expanduser())
+    plan = make_plan(ckpt, req.device, req.gpu_budget_bytes, req.context_length)
+    parts = tuple(api.PlanPart(dev, what, int(n)) for dev, what, n in plan.to_parts())
+    gpu_bytes = sum(t.used_bytes for t in plan.targets if t.is_gpu)
+    host = plan.shape.host_expert_bytes if plan.host_store == "pinned" else 0
+    return api.PlanReady(req.request_id, Path(req.model_dir), plan.fits, plan.summary(), parts,
+                         host, gpu_bytes)
