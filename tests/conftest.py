@@ -56,3 +56,15 @@ def _no_leaked_engine_threads():
     leaked = [t for t in leaked if t.is_alive()]
     if leaked:
         pytest.fail(f"test left {len(leaked)} engine thread(s) running; close the service")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip cleanly on machines without an NVIDIA GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run on a GPU machine: pytest -m cuda)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
