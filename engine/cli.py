@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split layers over N targets (GPUs, or logical targets on one device)")
     p.add_argument("--gpus", default="", help="comma-separated GPU indices to use")
     p.add_argument("--record-routing", type=Path, default=None,
-                   help="write the selected expert ids per token and layer to FILE (JSON)")
+                   help="write the selected expert ids per token and layer to FILE (.jsonl or .npy)")
     p.add_argument("--session", default="",
                    help="keep this conversation's document prefix cached on disk across runs")
     p.add_argument("--snapshot-dir", type=Path, default=None,
@@ -95,7 +95,9 @@ def run(args: argparse.Namespace) -> dict:
     stats.pop("request_id")
     stats["finish_reason"] = result.finish_reason
     if args.record_routing:
-        _write_routing(args.record_routing, model.experts.routing_log, model.config.num_hidden_layers)
+        cfg = model.config
+        _write_routing(args.record_routing, model.experts.routing_log, cfg.num_hidden_layers,
+                       cfg.n_routed_experts)
     return {"prompt_ids": result.prompt_ids, "output_ids": result.output_ids, "text": result.text,
             "reasoning": result.reasoning, "stats": stats}
 
@@ -106,14 +108,20 @@ def default_snapshot_dir() -> Path:
     return Path(platformdirs.user_cache_dir("Quire", appauthor=False)) / "kv-snapshots"
 
 
-def _write_routing(path: Path, log: list, num_layers: int) -> None:
-    """Per token and layer, the selected expert ids: {"layers": L, "tokens": [[[ids]*L]...]}."""
-    tokens: list[list[list[int]]] = []
-    for i in range(0, len(log), num_layers):
-        step = log[i : i + num_layers]
-        for t in range(step[0].shape[0]):
-            tokens.append([sorted(layer[t].tolist()) for layer in step])
-    path.write_text(json.dumps({"format": "quire-routing-v1", "layers": num_layers, "tokens": tokens}))
+def routing_trace(log: list, num_layers: int):
+    """The expert backend's per-forward, per-layer [T, K] selections as one [T, L, K] array."""
+    import numpy as np
+
+    steps = [np.stack([log[i + layer].numpy() for layer in range(num_layers)], axis=1)
+             for i in range(0, len(log), num_layers)]
+    return np.concatenate(steps, axis=0)
+
+
+def _write_routing(path: Path, log: list, num_layers: int, num_experts: int) -> None:
+    """--record-routing: per token and layer, the selected expert ids (.jsonl or .npy)."""
+    from engine.experts.traces import write_trace
+
+    write_trace(path, routing_trace(log, num_layers), num_experts)
 
 
 def main(argv: list[str] | None = None) -> int:

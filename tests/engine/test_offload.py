@@ -87,7 +87,7 @@ def test_routing_is_recorded_per_token_and_layer(tiny_checkpoint, tmp_path):
     import subprocess
     import sys
 
-    out = tmp_path / "routing.json"
+    out = tmp_path / "routing.jsonl"
     proc = subprocess.run(
         [sys.executable, "-m", "engine.cli", "--model", str(tiny_checkpoint), "--prompt", "Hi",
          "--greedy", "--max-tokens", "3", "--device", "cpu", "--expert-cache-slots", "2",
@@ -95,7 +95,9 @@ def test_routing_is_recorded_per_token_and_layer(tiny_checkpoint, tmp_path):
     assert proc.returncode == 0, proc.stderr
     stats = json.loads(proc.stdout)["stats"]
     assert stats["expert_hits"] + stats["expert_misses"] > 0 and stats["bytes_copied"] > 0
-    trace = json.loads(out.read_text())
+    from engine.experts.traces import read_trace
+
+    trace, num_experts = read_trace(out)
     prompt_len = len(json.loads(proc.stdout)["prompt_ids"])
-    assert trace["layers"] == 2 and len(trace["tokens"]) == prompt_len + 2
-    assert all(len(layer) == 2 and len(set(layer)) == 2 for tok in trace["tokens"] for layer in tok)
+    assert num_experts == 8 and trace.shape == (prompt_len + 2, 2, 2)
+    assert all(len(set(trace[t, layer].tolist())) == 2 for t in range(trace.shape[0]) for layer in range(2))
