@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-length", type=int, default=32768)
     p.add_argument("--expert-cache-slots", type=int, default=None,
                    help="force N expert slots per layer (offload path, also on CPU)")
+    p.add_argument("--host-format", choices=("fp8", "int8"), default="fp8",
+                   help="offloaded experts in host RAM: fp8 as shipped (exact) or int8 (fast CPU path)")
     p.add_argument("--targets", type=int, default=1,
                    help="split layers over N targets (GPUs, or logical targets on one device)")
     p.add_argument("--gpus", default="", help="comma-separated GPU indices to use")
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> dict:
         snapshot_dir = args.snapshot_dir or default_snapshot_dir()
     opts = LoadOptions(device=device, dtype=args.dtype, context_length=args.context_length,
                        expert_cache_slots=args.expert_cache_slots, num_targets=args.targets, gpus=gpus,
-                       snapshot_dir=snapshot_dir, snapshot_min_tokens=64)
+                       snapshot_dir=snapshot_dir, snapshot_min_tokens=64, host_format=args.host_format)
     model = LoadedModel(args.model, opts)
     if args.record_routing:
         model.experts.routing_log = []

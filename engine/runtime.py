@@ -33,6 +33,7 @@ class LoadOptions:
     gpus: tuple[int, ...] = ()
     max_sessions: int = 4
     host_mode: str = "pinned"  # "pinned" | "mmap": where offloaded experts live on the host
+    host_format: str = "fp8"  # "fp8" (as shipped, exact) | "int8" (per-row, fast CPU kernel)
     snapshot_dir: Path | None = None  # where session prefixes are saved; None = not saved
     snapshot_min_tokens: int = 1024  # shorter prefixes are cheaper to re-read than to restore
     snapshot_budget_bytes: int = 20 * 2**30
@@ -85,7 +86,7 @@ class LoadedModel:
 
         return OffloadedExperts(self.ckpt, self.dtype, self.layer_devices,
                                 slots_per_layer=self.opts.expert_cache_slots,
-                                host_mode=self.opts.host_mode)
+                                host_mode=self.opts.host_mode, host_format=self.opts.host_format)
 
     # ------------------------------------------------------------------ forward helpers
     @property

@@ -48,6 +48,7 @@ class TinyShape:
     vision_intermediate: int = 64
     shards: int = 2
     seed: int = 0
+    fast_experts: int = 0  # 1: experts as random FP8 bytes (benchmarks at real shapes; seconds, not minutes)
 
 
 def text_config(s: TinyShape) -> dict:
@@ -146,6 +147,8 @@ def layer_tensors(s: TinyShape, layer: int, rand: Callable) -> dict:
     t |= _linear_tensors(f"{m}.up_proj", s.moe_intermediate, s.hidden, rand)
     t |= _linear_tensors(f"{m}.down_proj", s.hidden, s.moe_intermediate, rand)
     e = f"{p}.mlp.experts"
+    if s.fast_experts:
+        return t | _random_byte_experts(s, e, rand.generator)
     gate_up = rand(s.experts, 2 * s.moe_intermediate, s.hidden, std=s.hidden**-0.5)
     # Each expert gets its own magnitude so that the [E,1,1] scales genuinely differ.
     gate_up = gate_up * (0.5 + torch.rand(s.experts, 1, 1, generator=rand.generator))
@@ -155,6 +158,21 @@ def layer_tensors(s: TinyShape, layer: int, rand: Callable) -> dict:
         t[f"{e}.{name}"] = fp8
         t[f"{e}.{name}_scale_inv"] = scale
         t[f"{e}.{name}_activation_scale"] = torch.full((s.experts,), 0.02, dtype=torch.bfloat16)
+    return t
+
+
+def _random_byte_experts(s: TinyShape, prefix: str, gen) -> dict:
+    """FP8 experts from random bytes with the top exponent bit cleared (|w| <= 1.875, no NaN),
+    scaled so activations stay O(1): for speed benchmarks, where values do not matter."""
+    import torch
+
+    t = {}
+    for name, shape, fan_in in (("gate_up_proj", (s.experts, 2 * s.moe_intermediate, s.hidden), s.hidden),
+                                ("down_proj", (s.experts, s.hidden, s.moe_intermediate), s.moe_intermediate)):
+        raw = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen) & 0xBF
+        t[f"{prefix}.{name}"] = raw.view(torch.float8_e4m3fn)
+        t[f"{prefix}.{name}_scale_inv"] = torch.full((s.experts, 1, 1), fan_in**-0.5, dtype=torch.bfloat16)
+        t[f"{prefix}.{name}_activation_scale"] = torch.full((s.experts,), 0.02, dtype=torch.bfloat16)
     return t
 
 

@@ -13,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from engine.checkpoint import Checkpoint
-from engine.experts.compute import dequant_expert, expert_forward
+from engine.experts.compute import cpu_expert_forward, dequant_expert
 from engine.experts.policy import CachePolicy, LRFUPolicy, LRUPolicy
 from engine.experts.store import HostExpertStore, LayerExperts
 from engine.model.moe import run_experts
@@ -52,12 +52,12 @@ class OffloadedExperts:
     """Expert backend with `slots_per_layer` cached experts per layer; the rest on the host."""
 
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, layer_devices: list[torch.device],
-                 slots_per_layer: int, *, host_mode: str = "pinned", policy: str = "lrfu",
-                 cpu_misses: bool = True, progress=None) -> None:
+                 slots_per_layer: int, *, host_mode: str = "pinned", host_format: str = "fp8",
+                 policy: str = "lrfu", cpu_misses: bool = True, progress=None) -> None:
         cfg = ckpt.config
         self.dtype = dtype
         self.num_experts = cfg.n_routed_experts
-        self.store = HostExpertStore(ckpt, host_mode, progress)
+        self.store = HostExpertStore(ckpt, host_mode, host_format, progress)
         slots = max(0, min(slots_per_layer, self.num_experts))
         self.policy: CachePolicy = POLICIES[policy](slots_per_layer=[slots] * cfg.num_hidden_layers)
         self.layers = [LayerSlots(self.store.layers[i], dev, slots, i * slots)
@@ -106,9 +106,8 @@ class OffloadedExperts:
         self.num_cpu_experts += 1
 
         def job() -> torch.Tensor:
-            gate_up, down = dequant_expert(host.gate_up[expert], host.gate_up_scale[expert],
-                                           host.down[expert], host.down_scale[expert], self.dtype)
-            return expert_forward(xs, gate_up, down)
+            return cpu_expert_forward(xs, host.gate_up[expert], host.gate_up_scale[expert],
+                                      host.down[expert], host.down_scale[expert], self.dtype)
 
         return self._cpu_pool.submit(job)
 
@@ -140,6 +139,11 @@ class OffloadedExperts:
         for key, slot in self.policy._slot.items():
             if before.get(key) != slot:
                 self.bytes_copied += self.layers[key[0]].fill(slot, key[1])
+
+    def reset_counters(self) -> None:
+        """Start counting afresh (after a benchmark's warm-up); the cache contents stay."""
+        self.policy.num_hits = self.policy.num_misses = 0
+        self.bytes_copied = self.bytes_cpu = self.num_cpu_experts = 0
 
     def counters(self) -> dict[str, float]:
         p = self.policy

@@ -101,3 +101,34 @@ def test_routing_is_recorded_per_token_and_layer(tiny_checkpoint, tmp_path):
     prompt_len = len(json.loads(proc.stdout)["prompt_ids"])
     assert num_experts == 8 and trace.shape == (prompt_len + 2, 2, 2)
     assert all(len(set(trace[t, layer].tolist())) == 2 for t in range(trace.shape[0]) for layer in range(2))
+
+
+def test_int8_host_format_cpu_kernel_matches_its_dequantised_weights():
+    from engine.experts.compute import cpu_expert_forward, dequant_expert, expert_forward
+    from engine.experts.store import requantize_int8
+
+    gen = torch.Generator().manual_seed(0)
+    gu = (torch.randn(2, 64, 32, generator=gen) * 50).to(torch.float8_e4m3fn)
+    dn = (torch.randn(2, 32, 32, generator=gen) * 50).to(torch.float8_e4m3fn)
+    scales = torch.tensor([0.01, 0.02])
+    gu_q, gu_s = requantize_int8(gu, scales)
+    dn_q, dn_s = requantize_int8(dn, scales)
+    x = torch.randn(3, 32, generator=gen)
+    ours = cpu_expert_forward(x, gu_q[1], gu_s[1], dn_q[1], dn_s[1], torch.float32)
+    ref = expert_forward(x, *dequant_expert(gu_q[1], gu_s[1], dn_q[1], dn_s[1], torch.float32))
+    assert_close("int8 kernel", ours, ref, 1e-3, rtol=1e-3)
+    exact = expert_forward(x, *dequant_expert(gu[1], scales[1], dn[1], scales[1], torch.float32))
+    assert float((ours - exact).abs().mean() / exact.abs().mean()) < 0.02  # requantisation error
+
+
+def test_int8_host_format_stays_close_to_the_fp8_reference(tiny_checkpoint, reference_logits):
+    """int8 per-row requantisation is lossy: measured on this tiny model, mean |diff| ~0.009 and
+    ~97% of positions keep the reference's top token (near-tie routing flips dominate the max)."""
+    model = LoadedModel(tiny_checkpoint, LoadOptions(dtype="float32", expert_cache_slots=2,
+                                                     host_format="int8"))
+    assert model.experts.store.layers[0].gate_up.dtype == torch.int8
+    logits = _run(model, prefill=70)
+    assert float((logits - reference_logits).abs().mean()) < 0.03
+    agreement = (logits.argmax(-1) == reference_logits.argmax(-1)).float().mean()
+    assert float(agreement) >= 0.9
+    model.close()

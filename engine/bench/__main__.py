@@ -1,0 +1,187 @@
+"""python -m engine.bench: decode and prefill speed, hit rates and ceilings, as one JSON object.
+
+Runs a real model folder (--model) or a synthetic checkpoint at the real shapes with fewer
+layers (--layers N; times scaled to 36 layers, and said so in the output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from engine.bench import machine
+from engine.bench.measure import TraceRouting, decode_run, head_seconds, prefill_run
+from engine.errors import QuireError
+
+REAL_LAYERS = 36
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, help="a model folder (default: synthetic real shapes)")
+    p.add_argument("--layers", type=int, default=2, help="synthetic: layers to build and measure")
+    p.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "quire-bench")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--gpu-budget", default=None, help="per-GPU budget, e.g. 24GiB")
+    p.add_argument("--gpus", default="", help="comma-separated GPU indices")
+    p.add_argument("--targets", type=int, default=1)
+    p.add_argument("--expert-cache-slots", type=int, default=None, help="override the plan")
+    p.add_argument("--routing", choices=("model", "random", "synthetic", "trace"), default="random")
+    p.add_argument("--trace", type=Path, help="routing trace file for --routing trace")
+    p.add_argument("--depth", default="0,32768", help="decode KV depths, comma-separated")
+    p.add_argument("--prefill", default="4096,32768", help="prefill sizes, comma-separated")
+    p.add_argument("--chunk", type=int, default=8192, help="prefill chunk tokens")
+    p.add_argument("--tokens", type=int, default=32, help="decode tokens measured per depth")
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--host-format", choices=("fp8", "int8"), default="fp8")
+    p.add_argument("--no-cpu-misses", action="store_true", help="serve misses by PCIe copies only")
+    p.add_argument("--baseline", choices=("hf", "none"), default="none")
+    p.add_argument("--baseline-tokens", type=int, default=3)
+    p.add_argument("--out", type=Path, help="also write the JSON here")
+    return p
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def load_model(args: argparse.Namespace):
+    from engine.runtime import LoadedModel, LoadOptions
+
+    folder = args.model
+    if folder is None:
+        from engine.bench.synthetic import synthetic_checkpoint
+
+        folder = synthetic_checkpoint(args.work_dir, args.layers)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    slots, plan_summary, gpus, targets, host_mode = args.expert_cache_slots, "", (), args.targets, "pinned"
+    if device.startswith("cuda"):
+        from engine.checkpoint import Checkpoint
+        from engine.placement import parse_bytes
+        from engine.planning import make_plan
+
+        budget = parse_bytes(args.gpu_budget) if args.gpu_budget else None
+        context = max(_ints(args.depth) + _ints(args.prefill)) + args.tokens + 64
+        plan = make_plan(Checkpoint.open(folder), device, budget, context, slots, targets)
+        plan_summary = plan.summary()
+        if slots is None:
+            slots = min(min(t.slots_per_layer) for t in plan.targets if t.slots_per_layer)
+        gpus = tuple(t.gpu_index for t in plan.targets if t.gpu_index is not None)
+        targets, host_mode = len(plan.targets), plan.host_store
+    opts = LoadOptions(device=device, dtype=args.dtype, context_length=1 << 20,
+                       expert_cache_slots=slots if slots is not None else 0, num_targets=targets,
+                       gpus=gpus, host_mode=host_mode, host_format=args.host_format)
+    model = LoadedModel(folder, opts)
+    model.experts.cpu_misses = not args.no_cpu_misses
+    return model, folder, plan_summary
+
+
+def routing_trace(args: argparse.Namespace, cfg, num_tokens: int):
+    from engine.experts.traces import random_trace, read_trace, synthetic_trace
+
+    shape = (num_tokens, cfg.num_hidden_layers, cfg.n_routed_experts, cfg.num_experts_per_tok)
+    if args.routing == "random":
+        return random_trace(*shape, seed=0)
+    if args.routing == "synthetic":
+        return synthetic_trace(*shape, seed=0)
+    if args.routing == "trace":
+        if args.trace is None:
+            raise SystemExit("--routing trace needs --trace FILE")
+        return read_trace(args.trace)[0]
+    return None
+
+
+def run(args: argparse.Namespace) -> dict:
+    from engine.cli import routing_trace as log_to_trace
+    from engine.experts.policy import belady_hit_rate
+
+    model, folder, plan_summary = load_model(args)
+    cfg = model.config
+    experts = model.experts
+    num_decode = args.warmup + args.tokens
+    trace = routing_trace(args, cfg, num_decode * len(_ints(args.depth)))
+    if trace is not None:
+        model.decoder.experts = TraceRouting(experts, trace)
+    head_s = head_seconds(model)
+    out: dict = {"model": {"folder": str(folder), "synthetic": args.model is None,
+                           "layers_measured": cfg.num_hidden_layers, "scaled_to_layers": REAL_LAYERS,
+                           "note": f"times scaled from {cfg.num_hidden_layers} to {REAL_LAYERS} layers"},
+                 "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                 "plan": plan_summary, "slots_per_layer": model.opts.expert_cache_slots,
+                 "machine": machine.describe(cfg.hidden_size, cfg.moe_intermediate_size, model.dtype,
+                                             args.host_format),
+                 "results": []}
+    decode = []
+    for depth in _ints(args.depth):
+        experts.routing_log = []
+        row = decode_run(model, depth, args.tokens, args.warmup, head_s, REAL_LAYERS)
+        measured = log_to_trace(experts.routing_log, cfg.num_hidden_layers)[-args.tokens:]
+        counters = experts.counters()
+        row |= {"test": f"tg{args.tokens} @ d{depth}", "hit_rate": counters["hit_rate"],
+                "belady_bypass_hit_rate": belady_hit_rate(measured, model.opts.expert_cache_slots),
+                "bytes_copied_per_token": counters["bytes_copied"] / args.tokens,
+                "bytes_cpu_per_token": counters["bytes_cpu"] / args.tokens}
+        decode.append(row)
+    experts.routing_log = None
+    out["results"] += decode
+    for size in _ints(args.prefill):
+        out["results"].append({"test": f"pp{size}"} | prefill_run(model, size, args.chunk, head_s,
+                                                                  REAL_LAYERS))
+    out["ceiling"] = ceiling(out["machine"], decode[0] if decode else None, cfg, args)
+    if args.baseline == "hf":
+        from engine.bench.baseline import hf_decode
+
+        model.close()
+        out["baseline"] = hf_decode(folder, args.baseline_tokens, REAL_LAYERS)
+        if decode:
+            out["speedup_vs_baseline"] = decode[0]["avg_ts"] / out["baseline"]["tg_ts"]
+    out["peak_host_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if torch.cuda.is_available():
+        out["peak_gpu_bytes"] = [torch.cuda.max_memory_allocated(i)
+                                 for i in range(torch.cuda.device_count())]
+    return out
+
+
+def ceiling(mach: dict, row: dict | None, cfg, args: argparse.Namespace) -> dict:
+    """The prior-art decode ceiling for the measured hit rate and bandwidths."""
+    from engine.experts.ceiling import decode_ceilings, resident_time
+
+    pcie, hbm = mach.get("pcie_pinned_bytes_per_s"), mach.get("hbm_bytes_per_s")
+    if row is None or not pcie or not hbm:
+        return {"note": "needs a CUDA GPU (PCIe and HBM bandwidths)"}
+    expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    uses = REAL_LAYERS * cfg.num_experts_per_tok
+    cpu = 0.0 if args.no_cpu_misses else mach["cpu_expert_bytes_per_s"][args.host_format]
+    resident_s = resident_time(row["hit_rate"], hbm, uses_per_token=uses, expert_bytes=expert_bytes)
+    c = decode_ceilings(row["hit_rate"], pcie, cpu, resident_s, uses, expert_bytes)
+    path = c.pcie_only if args.no_cpu_misses else c.hybrid
+    return {"pcie_only_ts": c.pcie_only, "cpu_only_ts": c.cpu_only, "hybrid_ts": c.hybrid,
+            "path": "pcie" if args.no_cpu_misses else "pcie+cpu",
+            "achieved_over_ceiling": row["avg_ts"] / path}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = run(args)
+    except QuireError as exc:
+        print(f"error: {exc.user_message}", file=sys.stderr)
+        return 2
+    text = json.dumps(result, indent=2, default=str)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

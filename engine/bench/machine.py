@@ -1,0 +1,98 @@
+"""Probes of the machine the benchmark runs on: GPU, pinned PCIe bandwidth, HBM bandwidth,
+CPU model and memory bandwidth, and the CPU's expert-compute rate on FP8 weights."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from engine.experts.compute import cpu_expert_forward
+from engine.experts.store import requantize_int8
+
+
+def _timed(fn, repeats: int = 5) -> float:
+    """Median seconds of fn() over repeats (after one warm-up), synchronising CUDA."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def pcie_bandwidth(num_bytes: int = 256 << 20) -> float | None:
+    """Pinned host -> GPU copy bandwidth in bytes/s (None without CUDA)."""
+    if not torch.cuda.is_available():
+        return None
+    host = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
+    return num_bytes / _timed(lambda: dev.copy_(host, non_blocking=True))
+
+
+def hbm_bandwidth(num_bytes: int = 1 << 30) -> float | None:
+    """GPU memory bandwidth (read + write of a device copy) in bytes/s."""
+    if not torch.cuda.is_available():
+        return None
+    a = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    return 2 * num_bytes / _timed(lambda: b.copy_(a))
+
+
+def cpu_memory_bandwidth(num_bytes: int = 512 << 20) -> float:
+    a = torch.empty(num_bytes, dtype=torch.uint8)
+    b = torch.empty_like(a)
+    return 2 * num_bytes / _timed(lambda: b.copy_(a), repeats=3)
+
+
+def cpu_expert_bandwidth(hidden: int, width: int, dtype: torch.dtype, fmt: str = "fp8",
+                         num_experts: int = 4) -> float:
+    """Bytes of expert weights per second the CPU path consumes for one token, by host format."""
+    gen = torch.Generator().manual_seed(0)
+    gate_up = (torch.randint(0, 256, (num_experts, 2 * width, hidden), generator=gen, dtype=torch.uint8)
+               & 0xBF).view(torch.float8_e4m3fn)
+    down = (torch.randint(0, 256, (num_experts, hidden, width), generator=gen, dtype=torch.uint8)
+            & 0xBF).view(torch.float8_e4m3fn)
+    x = torch.randn(1, hidden).to(dtype)
+    gu_scale = d_scale = torch.full((num_experts,), 0.01)
+    if fmt == "int8":
+        gate_up, gu_scale = requantize_int8(gate_up, gu_scale)
+        down, d_scale = requantize_int8(down, d_scale)
+
+    def run() -> None:
+        for e in range(num_experts):
+            cpu_expert_forward(x, gate_up[e], gu_scale[e], down[e], d_scale[e], dtype)
+
+    return (gate_up.numel() + down.numel()) / _timed(run, repeats=3)
+
+
+def describe(hidden: int, width: int, dtype: torch.dtype, host_format: str = "fp8") -> dict:
+    info: dict = {"cpu": cpu_name(), "cpu_threads": torch.get_num_threads(),
+                  "cpu_cores": os.cpu_count(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    info["pcie_pinned_bytes_per_s"] = pcie_bandwidth()
+    info["hbm_bytes_per_s"] = hbm_bandwidth()
+    info["cpu_memory_bytes_per_s"] = cpu_memory_bandwidth()
+    info["cpu_expert_bytes_per_s"] = {fmt: cpu_expert_bandwidth(hidden, width, dtype, fmt)
+                                      for fmt in ("fp8", "int8")}
+    return info

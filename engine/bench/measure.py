@@ -1,0 +1,126 @@
+"""Timed runs for the benchmark: decode at a KV depth with forced routing, chunked prefill,
+time to first token, and the transformers + accelerate offload baseline.
+
+Times are scaled from the measured layers to the real model's 36: per-token time =
+head (embed + norm + lm_head, measured) + per-layer time x 36.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from engine.kv.cache import LatentKVCache
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class TraceRouting:
+    """Wraps an expert backend so decode steps use a trace's expert ids (uniform weights)."""
+
+    def __init__(self, inner, trace: np.ndarray) -> None:
+        self.inner, self.trace, self.token = inner, trace, 0
+
+    def forward(self, layer: int, x: torch.Tensor, top_idx: torch.Tensor, top_weights: torch.Tensor):
+        if x.shape[0] == 1:
+            ids = self.trace[self.token % self.trace.shape[0], layer % self.trace.shape[1]]
+            top_idx = torch.as_tensor(ids, dtype=torch.long, device=top_idx.device).view(1, -1)
+            top_weights = torch.full(top_idx.shape, 1.0 / top_idx.shape[1], dtype=top_weights.dtype,
+                                     device=top_weights.device)
+            if layer == self.trace.shape[1] - 1:
+                self.token += 1
+        return self.inner.forward(layer, x, top_idx, top_weights)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+def fill_cache(cache: LatentKVCache, depth: int, chunk: int = 8192) -> None:
+    """Give the cache `depth` tokens of random latents: attention cost of a deep context
+    without spending the benchmark's time on prefilling it."""
+    gen = torch.Generator().manual_seed(1)
+    for lo in range(0, depth, chunk):
+        n = min(chunk, depth - lo)
+        for layer in range(cache.num_layers):
+            dev = cache.devices[layer]
+            latent = torch.randn(n, cache.kv_lora_rank, generator=gen).to(dev, cache.dtype)
+            rope = torch.randn(n, cache.rope_dim, generator=gen).to(dev, cache.dtype)
+            cache.update_and_fetch(layer, latent, rope)
+        cache.commit(n)
+
+
+def head_seconds(model) -> float:
+    """Time of the parts outside the layers for one token (embed, final norm, lm_head)."""
+    dec = model.decoder
+    x = model.embed_ids([1]).to(dec.norm.device)
+
+    def run() -> None:
+        torch.nn.functional.linear(x, dec.lm_head)
+
+    run()
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        run()
+    _sync()
+    return (time.perf_counter() - t0) / 5
+
+
+def scaled(seconds: float, head_s: float, num_layers: int, real_layers: int) -> float:
+    return head_s + max(seconds - head_s, 0.0) * real_layers / num_layers
+
+
+def decode_run(model, depth: int, num_tokens: int, warmup: int, head_s: float,
+               real_layers: int) -> dict:
+    """Per-token decode times after `warmup` tokens, at a KV depth; tok/s scaled to 36 layers."""
+    cache = model.decoder.new_cache()
+    fill_cache(cache, depth)
+    token = 1
+    times = []
+    for step in range(warmup + num_tokens):
+        if step == warmup and hasattr(model.experts, "reset_counters"):
+            model.experts.reset_counters()
+        _sync()
+        t0 = time.perf_counter()
+        logits = model.forward(model.embed_ids([token]), cache)
+        token = int(logits.argmax())
+        _sync()
+        if step >= warmup:
+            times.append(time.perf_counter() - t0)
+    n = model.config.num_hidden_layers
+    per_token = [scaled(t, head_s, n, real_layers) for t in times]
+    tok_s = [1.0 / t for t in per_token]
+    return {"n_depth": depth, "n_gen": num_tokens, "avg_ts": statistics.mean(tok_s),
+            "stddev_ts": statistics.pstdev(tok_s), "median_ts": 1.0 / statistics.median(per_token),
+            "measured_ms_per_token": 1e3 * statistics.median(times)}
+
+
+def prefill_run(model, num_tokens: int, chunk: int, head_s: float, real_layers: int) -> dict:
+    """Chunked prefill of random token ids; TTFT = prefill + one decode step."""
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(1000, model.config.vocab_size, (num_tokens,), generator=gen).tolist()
+    cache = model.decoder.new_cache()
+    _sync()
+    t0 = time.perf_counter()
+    logits = None
+    num_chunks = 0
+    for lo in range(0, num_tokens, chunk):
+        logits = model.forward(model.embed_ids(ids[lo : lo + chunk]), cache)
+        num_chunks += 1
+    _sync()
+    t_prefill = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    model.forward(model.embed_ids([int(logits.argmax())]), cache)
+    _sync()
+    t_first = time.perf_counter() - t1
+    n = model.config.num_hidden_layers
+    t_pp = scaled(t_prefill, head_s * num_chunks, n, real_layers)
+    return {"n_prompt": num_tokens, "avg_ts": num_tokens / t_pp, "stddev_ts": 0.0,
+            "measured_s": t_prefill,
+            "ttft_s": t_pp + scaled(t_first, head_s, n, real_layers)}

@@ -1,0 +1,30 @@
+"""Synthetic checkpoints at Mistral Small 4's real shapes (fewer layers), written in the real
+folder layout so the benchmark exercises the same loader, store and kernels as a real model."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from engine.tiny import TinyShape, write_tiny_checkpoint
+
+REAL_LAYERS = 36
+REAL_SHAPE = TinyShape(
+    layers=REAL_LAYERS, hidden=4096, heads=32, q_lora_rank=1024, kv_lora_rank=256,
+    qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=128, experts=128, top_k=4, groups=1,
+    topk_group=1, moe_intermediate=2048, vocab=131072,
+    # The vision tower does not take part in decode or text prefill: one small layer keeps
+    # the synthetic folder quick to write.
+    vision_hidden=1024, vision_layers=1, vision_heads=16, vision_intermediate=4096,
+    shards=REAL_LAYERS, seed=0, fast_experts=1,
+)
+
+
+def synthetic_checkpoint(work_dir: Path, num_layers: int, *, tokenizer_from: Path | None = None,
+                         shape: TinyShape = REAL_SHAPE) -> Path:
+    """Write (once; reused when present) a real-shape checkpoint with `num_layers` layers."""
+    target = Path(work_dir) / f"ms4-synthetic-{num_layers}L"
+    if (target / "config.json").is_file():
+        return target
+    shape = replace(shape, layers=num_layers, shards=max(2, num_layers))
+    return write_tiny_checkpoint(target, shape, tokenizer_from=tokenizer_from)

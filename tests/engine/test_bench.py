@@ -1,0 +1,43 @@
+"""The benchmark runs end to end on the CPU (the figures that matter come from a GPU) and
+prints one JSON object with the llama-bench-style fields, hit rates and the baseline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_bench_json_on_cpu(tiny_checkpoint, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.bench", "--model", str(tiny_checkpoint), "--device", "cpu",
+         "--depth", "0,128", "--prefill", "96", "--chunk", "64", "--tokens", "6", "--warmup", "2",
+         "--routing", "synthetic", "--expert-cache-slots", "3", "--baseline", "hf",
+         "--baseline-tokens", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert json.loads(proc.stdout) == result
+    tests = [r["test"] for r in result["results"]]
+    assert tests == ["tg6 @ d0", "tg6 @ d128", "pp96"]
+    for row in result["results"]:
+        assert row["avg_ts"] > 0 and "stddev_ts" in row
+    decode = result["results"][0]
+    assert 0.0 <= decode["hit_rate"] <= 1.0
+    assert 0.0 <= decode["hit_rate"] <= decode["belady_bypass_hit_rate"] + 0.35
+    assert decode["bytes_copied_per_token"] + decode["bytes_cpu_per_token"] > 0
+    assert result["model"]["scaled_to_layers"] == 36 and result["model"]["layers_measured"] == 2
+    assert result["baseline"]["tg_ts"] > 0 and result["speedup_vs_baseline"] > 0
+    assert set(result["machine"]["cpu_expert_bytes_per_s"]) == {"fp8", "int8"}
+
+
+def test_synthetic_real_shape_config_is_the_real_one():
+    from engine.bench.synthetic import REAL_SHAPE
+    from engine.tiny import model_config
+
+    text = model_config(REAL_SHAPE)["text_config"]
+    assert (text["hidden_size"], text["n_routed_experts"], text["num_experts_per_tok"]) == (4096, 128, 4)
+    assert (text["q_lora_rank"], text["kv_lora_rank"], text["moe_intermediate_size"]) == (1024, 256, 2048)
+    expert_bytes = 3 * text["hidden_size"] * text["moe_intermediate_size"]
+    assert expert_bytes == 25_165_824
