@@ -84,9 +84,17 @@ class LoadedModel:
             return ResidentExperts(self.ckpt, self.dtype, self.layer_devices)
         from engine.experts.offload import OffloadedExperts
 
-        return OffloadedExperts(self.ckpt, self.dtype, self.layer_devices,
-                                slots_per_layer=self.opts.expert_cache_slots,
-                                host_mode=self.opts.host_mode, host_format=self.opts.host_format)
+        experts = OffloadedExperts(self.ckpt, self.dtype, self.layer_devices,
+                                   slots_per_layer=self.opts.expert_cache_slots,
+                                   host_mode=self.opts.host_mode, host_format=self.opts.host_format)
+        if self.layer_devices[0].type == "cuda":
+            from engine.experts.profile import load_or_measure
+
+            cfg = self.config
+            profile = load_or_measure(self.layer_devices[0], self.opts.host_format, cfg.hidden_size,
+                                      cfg.moe_intermediate_size, self.dtype)
+            experts.bandwidths = (profile.pcie_bytes_per_s, profile.cpu_expert_bytes_per_s)
+        return experts
 
     # ------------------------------------------------------------------ forward helpers
     @property

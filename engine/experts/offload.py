@@ -13,6 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from engine.checkpoint import Checkpoint
+from engine.experts.ceiling import split_misses
 from engine.experts.compute import cpu_expert_forward, dequant_expert
 from engine.experts.policy import CachePolicy, LRFUPolicy, LRUPolicy
 from engine.experts.store import HostExpertStore, LayerExperts
@@ -65,6 +66,9 @@ class OffloadedExperts:
         self.cpu_misses = cpu_misses
         self._cpu_pool = ThreadPoolExecutor(1, thread_name_prefix="quire-cpu-experts")
         self.routing_log: list[torch.Tensor] | None = None
+        # Set on GPU loads (engine.experts.profile): with it, a step's misses are split so that
+        # PCIe copies and CPU compute finish together; without it, admission alone decides.
+        self.bandwidths: tuple[float, float] | None = None
         self.bytes_copied = 0
         self.bytes_cpu = 0
         self.num_cpu_experts = 0
@@ -78,24 +82,34 @@ class OffloadedExperts:
             return self._streamed(layer, x, top_idx, top_weights)
         slots = self.layers[layer]
         plan: dict[int, object] = {}
-        cpu_jobs: dict[int, Future] = {}
+        misses = []
         for expert in torch.unique(top_idx).tolist():
-            key = (layer, expert)
-            slot = self.policy.lookup(key)
+            slot = self.policy.lookup((layer, expert))
             if slot is None:
-                admitted = self.policy.admit(key)
-                if admitted is None and self.cpu_misses:
-                    cpu_jobs[expert] = self._submit_cpu(layer, expert, x, top_idx)
-                    continue
-                if admitted is None:  # no CPU path: serve from a staging copy, uncached
-                    plan[expert] = self._staged(layer, expert, slots.device)
-                    continue
-                slot = admitted[0]
-                self.bytes_copied += slots.fill(slot, expert)
-            plan[expert] = slots.weights(slot, expert, self.dtype)
+                misses.append(expert)
+            else:
+                plan[expert] = slots.weights(slot, expert, self.dtype)
+        num_copies = self._num_copies(len(misses), slots.host.expert_bytes())
+        cpu_jobs: dict[int, Future] = {}
+        for i, expert in enumerate(misses):
+            admitted = self.policy.admit((layer, expert)) if i < num_copies else None
+            if admitted is None and self.cpu_misses:
+                cpu_jobs[expert] = self._submit_cpu(layer, expert, x, top_idx)
+            elif admitted is None:  # no CPU path: serve from a staging copy, uncached
+                plan[expert] = self._staged(layer, expert, slots.device)
+            else:
+                self.bytes_copied += slots.fill(admitted[0], expert)
+                plan[expert] = slots.weights(admitted[0], expert, self.dtype)
         for expert, job in cpu_jobs.items():
             plan[expert] = _precomputed(job.result().to(x.device))
         return run_experts(x, top_idx, top_weights, plan.__getitem__)
+
+    def _num_copies(self, num_misses: int, expert_bytes: int) -> int:
+        """How many of a step's misses go over PCIe (the rest to the CPU), so both finish together."""
+        if not self.cpu_misses or self.bandwidths is None:
+            return num_misses
+        pcie, cpu = self.bandwidths
+        return split_misses(num_misses, expert_bytes, pcie, cpu)[0]
 
     def _submit_cpu(self, layer: int, expert: int, x: torch.Tensor, top_idx: torch.Tensor) -> Future:
         """Compute one expert for the tokens that chose it, on the CPU, from the host store."""

@@ -132,3 +132,29 @@ def test_int8_host_format_stays_close_to_the_fp8_reference(tiny_checkpoint, refe
     agreement = (logits.argmax(-1) == reference_logits.argmax(-1)).float().mean()
     assert float(agreement) >= 0.9
     model.close()
+
+
+def test_misses_are_split_between_copies_and_cpu_by_bandwidth(tiny_checkpoint, reference_logits):
+    """With PCIe twice as fast as the CPU path, about two thirds of a step's misses are copied."""
+    model = LoadedModel(tiny_checkpoint, LoadOptions(dtype="float32", expert_cache_slots=0))
+    model.experts.bandwidths = (2.0e9, 1.0e9)
+    assert model.experts._num_copies(6, 1000) == 4
+    model.experts.bandwidths = (1.0e9, 0.0)
+    assert model.experts._num_copies(5, 1000) == 5
+    model.close()
+    model = LoadedModel(tiny_checkpoint, LoadOptions(dtype="float32", expert_cache_slots=3))
+    model.experts.bandwidths = (1.0e9, 1.0e9)
+    assert_close("split", _run(model, prefill=70), reference_logits, FP32_ATOL)
+    counters = model.experts.counters()
+    assert counters["cpu_experts"] > 0 and counters["bytes_copied"] > 0
+    model.close()
+
+
+def test_machine_profile_is_measured_once_and_stored(tmp_path):
+    from engine.experts.profile import load_or_measure
+
+    path = tmp_path / "profile.json"
+    first = load_or_measure(torch.device("cpu"), "int8", 64, 32, torch.float32, path)
+    assert first.cpu_expert_bytes_per_s > 0 and path.is_file()
+    again = load_or_measure(torch.device("cpu"), "int8", 64, 32, torch.float32, path)
+    assert again == first

@@ -1,0 +1,61 @@
+"""Per-machine bandwidths that decide how a decode step's misses are split between PCIe copies
+and CPU compute: measured once, stored in the user cache folder, reused on later loads."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MachineProfile:
+    pcie_bytes_per_s: float  # pinned host -> GPU
+    cpu_expert_bytes_per_s: float  # expert weights the CPU path consumes per second (1 token)
+    key: str
+
+
+def profile_key(device: torch.device, host_format: str, hidden: int, width: int) -> str:
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    from engine.bench.machine import cpu_name
+
+    return f"{gpu}|{cpu_name()}|{torch.get_num_threads()} threads|{host_format}|{hidden}x{width}"
+
+
+def default_profile_path() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("Quire", appauthor=False)) / "machine-profile.json"
+
+
+def load_or_measure(device: torch.device, host_format: str, hidden: int, width: int,
+                    dtype: torch.dtype, path: Path | None = None) -> MachineProfile:
+    """The stored profile for this machine and format, measuring it (a second or two) if absent."""
+    from engine.bench.machine import cpu_expert_bandwidth, pcie_bandwidth
+
+    path = path or default_profile_path()
+    key = profile_key(device, host_format, hidden, width)
+    stored: dict = {}
+    try:
+        stored = json.loads(path.read_text())
+        if key in stored:
+            return MachineProfile(**stored[key])
+    except (OSError, ValueError, TypeError):
+        stored = {}
+    profile = MachineProfile(pcie_bandwidth() or 0.0,
+                             cpu_expert_bandwidth(hidden, width, dtype, host_format), key)
+    stored[key] = asdict(profile)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(stored, indent=2))
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only cache folder only costs a re-measure next time
+        log.warning("could not store the machine profile: %s", exc)
+    return profile
