@@ -1,10 +1,7 @@
 """Placement planner: which device holds which layers, KV cache and expert slots; RAM or mmap.
 
-Pure arithmetic over byte counts, no torch: the app shows the plan before anything loads.
-Layers are split across the targets in order; the first target also holds the embeddings
-and the vision tower, the last the lm_head and final norm; what a GPU has left after dense
-weights, KV cache and workspace becomes expert-cache slots for its own layers.
-"""
+Pure byte arithmetic (no torch): layers go to the targets in order, embeddings and vision on the
+first, lm_head on the last; what a GPU has left becomes expert slots for its own layers."""
 
 from __future__ import annotations
 
@@ -18,19 +15,14 @@ from dataclasses import dataclass, replace
 from engine.errors import InputError
 
 GiB = 1 << 30
-# CUDA context, allocator fragmentation and other processes: kept out of every default budget.
-DEFAULT_GPU_MARGIN_BYTES = GiB
-# Activations, attention scratch and prefill chunk buffers on each GPU target.
-DEFAULT_WORKSPACE_BYTES = GiB
-# Pinned store needs the experts plus 10% (mission's host-memory rule) plus room for the OS/app.
-HOST_MARGIN_FRACTION = 0.10
-HOST_SAFETY_BYTES = 4 * GiB
-MIN_CONTEXT = 4096
-CONTEXT_STEP = 1024
+DEFAULT_GPU_MARGIN_BYTES = GiB  # CUDA context, fragmentation, other processes
+DEFAULT_WORKSPACE_BYTES = GiB  # activations, attention scratch, prefill chunk buffers per GPU
+HOST_MARGIN_FRACTION = 0.10  # pinned store: experts + 10% (the mission's host-memory rule) ...
+HOST_SAFETY_BYTES = 4 * GiB  # ... + room for the OS and the app
+MIN_CONTEXT, CONTEXT_STEP = 4096, 1024  # proposals: shortest useful context, its granularity
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 2**10,
+          "m": 2**20, "g": 2**30, "t": 2**40, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 def parse_bytes(text: str | int) -> int:
@@ -38,16 +30,14 @@ def parse_bytes(text: str | int) -> int:
     if isinstance(text, int):
         return max(0, text)
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
-    unit = match.group(2).lower() if match else ""
-    if match is None or unit not in _UNITS:
+    if match is None or (unit := match.group(2).lower()) not in _UNITS:
         raise ValueError(f"not a size: {text!r} (write e.g. 24GiB, 24GB, 512MiB)")
     return int(float(match.group(1)) * _UNITS[unit])
 
 
 def format_gb(num_bytes: float) -> str:
     """Decimal gigabytes, one decimal below 10 GB: '3.1 GB', '18 GB'."""
-    gb = num_bytes / 1e9
-    return f"{gb:.1f} GB" if gb < 9.95 else f"{gb:.0f} GB"
+    return f"{num_bytes / 1e9:.1f} GB" if num_bytes < 9.95e9 else f"{num_bytes / 1e9:.0f} GB"
 
 
 @dataclass(frozen=True)
@@ -69,8 +59,7 @@ class ModelShape:
         if not 1 <= self.experts_per_token <= self.num_experts or self.num_layers < 1:
             raise ValueError("need num_layers >= 1 and 1 <= experts_per_token <= num_experts")
         if self.host_expert_bytes == 0:
-            object.__setattr__(self, "host_expert_bytes",
-                               self.num_layers * self.num_experts * self.expert_bytes)
+            object.__setattr__(self, "host_expert_bytes", self.num_total_experts * self.expert_bytes)
 
     @classmethod
     def for_mistral_small_4(cls) -> ModelShape:
@@ -88,7 +77,7 @@ class ModelShape:
         return cls(**{**(config or {}), **numbers})
 
     @property
-    def num_total_experts(self) -> int:
+    def num_total_experts(self) -> int:  # 4,608 for Mistral Small 4
         return self.num_layers * self.num_experts
 
 
@@ -167,21 +156,17 @@ class PlacementPlan:
 
     def summary(self) -> str:
         """One line for the model panel, e.g. 'fits: 4.9 GB dense + ... on GPU 0; 116 GB ...'."""
-        many = len(self.targets) > 1
         parts = []
         for t in self.targets:
-            where = (f"GPU {t.gpu_index}" if t.is_gpu else "CPU") + (f" (layers {t.first_layer}-{t.layers.stop - 1})" if many else "")
-            cache = (f" + {format_gb(t.expert_cache_bytes)} expert cache "
-                     f"({t.num_expert_slots:,} of {self.shape.num_total_experts:,} experts)"
-                     if t.num_expert_slots else "")
-            parts.append(f"{format_gb(t.dense_bytes)} dense{cache} + {format_gb(t.kv_bytes)} KV"
-                         f" on {where}")
+            where = f"GPU {t.gpu_index}" if t.is_gpu else "CPU"
+            where += f" (layers {t.first_layer}-{t.layers.stop - 1})" if len(self.targets) > 1 else ""
+            cache = (f" + {format_gb(t.expert_cache_bytes)} expert cache ({t.num_expert_slots:,}"
+                     f" of {self.shape.num_total_experts:,} experts)" if t.num_expert_slots else "")
+            parts.append(f"{format_gb(t.dense_bytes)} dense{cache} + {format_gb(t.kv_bytes)} KV on {where}")
         store = "in RAM" if self.host_store == "pinned" else "memory-mapped from disk"
         text = f"{'; '.join(parts)}; {format_gb(self.shape.host_expert_bytes)} experts {store}"
-        if self.fits:
-            return f"fits: {text}"
         proposal = f" Try: {self.smaller_plan.summary()}" if self.smaller_plan else ""
-        return f"does not fit: {' '.join(self.reasons)}{proposal}"
+        return f"fits: {text}" if self.fits else f"does not fit: {' '.join(self.reasons)}{proposal}"
 
     def to_parts(self) -> list[tuple[str, str, int]]:
         """(device, what, num_bytes) rows for the UI's memory table."""
@@ -197,51 +182,39 @@ class PlacementPlan:
                      (True, f"expert cache ({t.num_expert_slots:,} slots)", t.expert_cache_bytes),
                      (t.workspace_bytes > 0, "workspace", t.workspace_bytes)]
             rows += [(t.device, what, num_bytes) for keep, what, num_bytes in items if keep]
-        pinned = self.host_store == "pinned"
-        rows.append(("cpu" if pinned else "disk",
-                     "routed experts (pinned)" if pinned else "routed experts (memory-mapped)",
-                     shape.host_expert_bytes))
-        return rows
+        where = ("cpu", "pinned") if self.host_store == "pinned" else ("disk", "memory-mapped")
+        return rows + [(where[0], f"routed experts ({where[1]})", shape.host_expert_bytes)]
 
 
 _Target = tuple[str, int | None, int]  # device, GPU index, budget
+_Budget = int | str | Mapping[int, int | str] | None  # every GPU's, or per GPU index
 
 
-def _resolve_targets(
-    gpus: Sequence[GpuInfo], targets: Sequence[str] | None,
-    gpu_budget: int | str | Mapping[int, int | str] | None, margin_bytes: int,
-    host_available_bytes: int,
-) -> tuple[list[_Target], list[str]]:
+def _resolve_targets(gpus: Sequence[GpuInfo], targets: Sequence[str] | None, gpu_budget: _Budget,
+                     margin_bytes: int, host_available_bytes: int) -> tuple[list[_Target], list[str]]:
     """Map target names to physical devices and split each device's budget among its targets."""
     by_index = {g.index: g for g in gpus}
     names = list(targets) if targets else [f"cuda:{g.index}" for g in gpus] or ["cpu"]
-    notes: list[str] = []
-    indices: list[int | None] = []
-    for name in names:
-        if name == "cpu":
-            indices.append(None)
-            continue
-        match = re.fullmatch(r"(?:cuda:)?(\d+)", name)
-        if match is None or int(match.group(1)) not in by_index:
+    matches = [re.fullmatch(r"(?:cuda:)?(\d+)", name) for name in names]
+    indices = [int(m.group(1)) if m else None for m in matches]
+    for name, index in zip(names, indices, strict=True):
+        if name != "cpu" and index not in by_index:
             raise InputError(f"No GPU '{name}': this machine has "
                              f"{', '.join(f'cuda:{i}' for i in by_index) or 'no GPUs'}.")
-        indices.append(int(match.group(1)))
-    out = []
+    notes: list[str] = []
+    out: list[_Target] = []
     for index in indices:
-        share = indices.count(index)
         if index is None:
-            out.append(("cpu", None, host_available_bytes // share))
+            out.append(("cpu", None, host_available_bytes // indices.count(None)))
             continue
         gpu = by_index[index]
-        budget = gpu.free_bytes - margin_bytes
         wanted = gpu_budget.get(index) if isinstance(gpu_budget, Mapping) else gpu_budget
-        if wanted is not None:
-            budget = parse_bytes(wanted)
-            if budget > gpu.free_bytes:
-                notes.append(f"GPU {index}: budget {format_gb(budget)} is more than its free "
-                             f"{format_gb(gpu.free_bytes)}; using the free memory.")
-                budget = gpu.free_bytes
-        out.append((f"cuda:{index}", index, max(0, budget) // share))
+        budget = gpu.free_bytes - margin_bytes if wanted is None else parse_bytes(wanted)
+        if budget > gpu.free_bytes:
+            notes.append(f"GPU {index}: budget {format_gb(budget)} is more than its free "
+                         f"{format_gb(gpu.free_bytes)}; using the free memory.")
+            budget = gpu.free_bytes
+        out.append((f"cuda:{index}", index, max(0, budget) // indices.count(index)))
     return out, notes
 
 
@@ -254,15 +227,14 @@ def _split_layers(num_layers: int, weights: Sequence[float]) -> list[int]:
     counts = [max(1, int(x)) for x in exact]
     while sum(counts) > num_layers:  # the at-least-one rule overshot: take from the largest
         counts[counts.index(max(counts))] -= 1
-    by_remainder = sorted(range(len(weights)), key=lambda i: counts[i] - exact[i])
-    for i in by_remainder[: num_layers - sum(counts)]:
+    for i in sorted(range(len(weights)), key=lambda i: counts[i] - exact[i])[: num_layers - sum(counts)]:
         counts[i] += 1
     return counts
 
 
 def _fixed_bytes(shape: ModelShape, position: int, num_targets: int) -> int:
-    first, last = position == 0, position == num_targets - 1
-    return (shape.embed_bytes + shape.vision_bytes) * first + shape.lm_head_bytes * last
+    is_last = position == num_targets - 1
+    return (shape.embed_bytes + shape.vision_bytes) * (position == 0) + shape.lm_head_bytes * is_last
 
 
 def _allocate_slots(num_slots: int, first_layer: int, num_layers: int, num_experts: int,
@@ -271,16 +243,16 @@ def _allocate_slots(num_slots: int, first_layer: int, num_layers: int, num_exper
     num_slots = min(num_slots, num_layers * num_experts)
     if miss_curves is None:
         base, extra = divmod(num_slots, num_layers)
-        return tuple(base + (i >= num_layers - extra) for i in range(num_layers))  # later layers route narrower
+        # the remainder goes to the later layers, which route more narrowly
+        return tuple(base + (i >= num_layers - extra) for i in range(num_layers))
     counts = [0] * num_layers
     curves = [miss_curves[first_layer + i] for i in range(num_layers)]
 
-    def gain(i: int) -> float:
+    def gain(i: int) -> float:  # misses saved by layer i's next slot
         c = counts[i]
         return curves[i][c] - curves[i][c + 1] if c + 1 < len(curves[i]) else -math.inf
 
-    heap = [(-gain(i), i) for i in range(num_layers)]
-    heapq.heapify(heap)
+    heap = sorted((-gain(i), i) for i in range(num_layers))  # a sorted list is a heap
     for _ in range(num_slots):
         _, i = heapq.heappop(heap)
         counts[i] += 1
@@ -289,14 +261,11 @@ def _allocate_slots(num_slots: int, first_layer: int, num_layers: int, num_exper
 
 
 def plan_placement(
-    shape: ModelShape, gpus: Sequence[GpuInfo], *, host_available_bytes: int,
-    context_length: int, host_total_bytes: int | None = None,
-    targets: Sequence[str] | None = None,
-    gpu_budget: int | str | Mapping[int, int | str] | None = None,
-    expert_slots_per_layer: int | None = None,
+    shape: ModelShape, gpus: Sequence[GpuInfo], *, host_available_bytes: int, context_length: int,
+    host_total_bytes: int | None = None, targets: Sequence[str] | None = None,
+    gpu_budget: _Budget = None, expert_slots_per_layer: int | None = None,
     miss_curves: Sequence[Sequence[float]] | None = None,
-    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
-    gpu_margin_bytes: int = DEFAULT_GPU_MARGIN_BYTES,
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES, gpu_margin_bytes: int = DEFAULT_GPU_MARGIN_BYTES,
     propose: bool = True,
 ) -> PlacementPlan:
     """Plan where every part goes; a plan that does not fit carries reasons and a smaller plan.
@@ -311,33 +280,26 @@ def plan_placement(
     Raises:
         InputError: a target names a GPU that does not exist, or more targets than layers.
     """
+    request = {k: v for k, v in locals().items() if k not in ("shape", "gpus", "propose")}
     resolved, notes = _resolve_targets(gpus, targets, gpu_budget, gpu_margin_bytes,
                                        host_available_bytes)
-    # Layers in proportion to what each GPU has left after its fixed parts, so that every
-    # layer ends up with about the same number of expert slots; a CPU target counts as an
-    # average GPU (or all CPU targets share evenly).
+    # Layers in proportion to what each GPU has left after its fixed parts, so every layer
+    # gets about as many expert slots; a CPU target counts as an average GPU.
     gpu_room = [max(1, budget - _fixed_bytes(shape, i, len(resolved)) - workspace_bytes)
                 for i, (_, index, budget) in enumerate(resolved) if index is not None]
     cpu_share = sum(gpu_room) / len(gpu_room) if gpu_room else 1.0
     room = iter(gpu_room)
     weights = [float(next(room)) if index is not None else cpu_share for _, index, _ in resolved]
     counts = _split_layers(shape.num_layers, weights)
-    starts = [sum(counts[:i]) for i in range(len(counts))]
-    plans = [_plan_target(shape, t, i, len(resolved), starts[i], counts[i], context_length,
-                          expert_slots_per_layer, miss_curves,
-                          workspace_bytes if t[1] is not None else 0)
+    plans = [_plan_target(shape, t, i, len(resolved), sum(counts[:i]), counts[i], context_length,
+                          expert_slots_per_layer, miss_curves, workspace_bytes * (t[1] is not None))
              for i, t in enumerate(resolved)]
     problems = [r for t in plans for r in _target_problems(shape, t)]
-    host_store, host_reasons, host_ok = _host_store(shape, plans, host_available_bytes)
+    host_store, host_reasons, host_ok = _host_store(shape, plans, host_available_bytes,
+                                                    host_total_bytes)
     plan = PlacementPlan(shape, context_length, tuple(plans), host_store, host_available_bytes,
                          not problems and host_ok, tuple(notes + problems + host_reasons))
-    if not plan.fits and propose:
-        kwargs = dict(host_available_bytes=host_available_bytes, context_length=context_length,
-                      host_total_bytes=host_total_bytes, targets=targets, gpu_budget=gpu_budget,
-                      expert_slots_per_layer=expert_slots_per_layer, miss_curves=miss_curves,
-                      workspace_bytes=workspace_bytes, gpu_margin_bytes=gpu_margin_bytes)
-        plan = _with_proposal(plan, shape, gpus, kwargs)
-    return plan
+    return _with_proposal(plan, shape, gpus, request) if not plan.fits and propose else plan
 
 
 def _plan_target(shape: ModelShape, target: _Target, position: int, num_targets: int,
@@ -346,82 +308,62 @@ def _plan_target(shape: ModelShape, target: _Target, position: int, num_targets:
                  workspace_bytes: int) -> TargetPlan:
     device, gpu_index, budget = target
     is_first, is_last = position == 0, position == num_targets - 1
-    dense = (num_layers * shape.dense_bytes_per_layer
-             + _fixed_bytes(shape, position, num_targets))
+    dense = num_layers * shape.dense_bytes_per_layer + _fixed_bytes(shape, position, num_targets)
     kv = num_layers * shape.kv_bytes_per_token_per_layer * context_length
     if forced_slots is not None:
         slots = (min(forced_slots, shape.num_experts),) * num_layers
     elif gpu_index is None:
         slots = (0,) * num_layers  # CPU targets compute misses straight from the host store
     else:
-        num_free = max(0, budget - dense - kv - workspace_bytes)
-        slots = _allocate_slots(num_free // shape.expert_bytes, first_layer, num_layers,
-                                shape.num_experts, miss_curves)
-    return TargetPlan(device, gpu_index, budget, first_layer,
-                      num_layers, is_first, is_last, is_first and shape.vision_bytes > 0,
-                      dense, kv, workspace_bytes, slots, shape.expert_bytes)
+        num_free = max(0, budget - dense - kv - workspace_bytes) // shape.expert_bytes
+        slots = _allocate_slots(num_free, first_layer, num_layers, shape.num_experts, miss_curves)
+    return TargetPlan(device, gpu_index, budget, first_layer, num_layers, is_first, is_last,
+                      is_first and shape.vision_bytes > 0, dense, kv, workspace_bytes, slots,
+                      shape.expert_bytes)
 
 
 def _target_problems(shape: ModelShape, t: TargetPlan) -> list[str]:
-    """Why a GPU target does not fit its budget (empty when it does)."""
-    if not t.is_gpu:
-        return []
-    staging = shape.experts_per_token * shape.expert_bytes  # one layer's misses must land somewhere
-    need = t.dense_bytes + t.kv_bytes + t.workspace_bytes + max(t.expert_cache_bytes, staging)
-    if need <= t.budget_bytes:
-        return []
-    return [f"GPU {t.gpu_index} (layers {t.first_layer}-{t.layers.stop - 1}): "
-            f"{format_gb(t.dense_bytes)} dense + {format_gb(t.kv_bytes)} KV + "
-            f"{format_gb(t.workspace_bytes)} workspace + "
-            f"{format_gb(max(t.expert_cache_bytes, staging))} experts "
-            f"= {format_gb(need)} exceeds its budget of {format_gb(t.budget_bytes)}."]
+    """Why a GPU target does not fit its budget (empty when it does; CPU targets always do)."""
+    # at least one layer's misses must be able to land on the GPU
+    experts = max(t.expert_cache_bytes, shape.experts_per_token * shape.expert_bytes)
+    need = t.dense_bytes + t.kv_bytes + t.workspace_bytes + experts
+    return [] if need <= t.budget_bytes or not t.is_gpu else [
+        f"GPU {t.gpu_index} (layers {t.first_layer}-{t.layers.stop - 1}): {format_gb(t.dense_bytes)} "
+        f"dense + {format_gb(t.kv_bytes)} KV + {format_gb(t.workspace_bytes)} workspace + "
+        f"{format_gb(experts)} experts = {format_gb(need)} exceeds its budget of {format_gb(t.budget_bytes)}."]
 
 
-def _host_store(shape: ModelShape, plans: Sequence[TargetPlan], available: int
-                ) -> tuple[str, list[str], bool]:
+def _host_store(shape: ModelShape, plans: Sequence[TargetPlan], available: int,
+                total: int | None) -> tuple[str, list[str], bool]:
     """Pinned RAM when experts + 10% + safety fit next to what CPU targets hold, else mmap."""
     on_cpu = sum(t.used_bytes for t in plans if not t.is_gpu)
     pinned_need = int(shape.host_expert_bytes * (1 + HOST_MARGIN_FRACTION)) + HOST_SAFETY_BYTES
     if on_cpu + HOST_SAFETY_BYTES > available:
-        return "mmap", [f"RAM: the CPU target needs {format_gb(on_cpu)} plus "
-                        f"{format_gb(HOST_SAFETY_BYTES)} headroom but only {format_gb(available)}"
-                        f" is available."], False
+        return "mmap", [f"RAM: the CPU target needs {format_gb(on_cpu + HOST_SAFETY_BYTES)} with "
+                        f"headroom but only {format_gb(available)} is available."], False
     if on_cpu + pinned_need <= available:
         return "pinned", [], True
-    return "mmap", [f"RAM is short ({format_gb(available)} available, "
+    return "mmap", [f"RAM is short ({format_gb(available)} available{f' of {format_gb(total)}' if total else ''}, "
                     f"{format_gb(on_cpu + pinned_need)} needed to pin the experts): experts are "
                     f"memory-mapped from disk (slower)."], True
 
 
-def max_context(plan: PlacementPlan, forced_slots: int | None = None) -> int:
-    """Longest context (a multiple of CONTEXT_STEP) at which every GPU target fits its budget."""
-    shape = plan.shape
-    fits = []
-    for t in (t for t in plan.targets if t.is_gpu):
-        slots = (shape.experts_per_token if forced_slots is None
-                 else t.num_layers * min(forced_slots, shape.num_experts))
-        room = t.budget_bytes - t.dense_bytes - t.workspace_bytes - slots * shape.expert_bytes
-        fits.append(room // (t.num_layers * shape.kv_bytes_per_token_per_layer))
-    if not fits:
-        return plan.context_length
-    return max(0, min(fits) // CONTEXT_STEP * CONTEXT_STEP)
-
-
-def _with_proposal(plan: PlacementPlan, shape: ModelShape, gpus: Sequence[GpuInfo],
-                   kwargs: dict) -> PlacementPlan:
+def _with_proposal(plan: PlacementPlan, shape: ModelShape, gpus: Sequence[GpuInfo], kwargs: dict
+                   ) -> PlacementPlan:
     """Attach the first smaller plan that fits: shorter context, fewer forced slots, more GPUs."""
     candidates: list[tuple[str, dict]] = []
     forced = kwargs["expert_slots_per_layer"]
-    context = max_context(plan, forced)
+    fits = []  # the longest context each GPU target holds
+    for t in (t for t in plan.targets if t.is_gpu):
+        slots = shape.experts_per_token if forced is None else t.num_layers * min(forced, shape.num_experts)
+        room = t.budget_bytes - t.dense_bytes - t.workspace_bytes - slots * shape.expert_bytes
+        fits.append(room // (t.num_layers * shape.kv_bytes_per_token_per_layer))
+    context = min(fits) // CONTEXT_STEP * CONTEXT_STEP if fits else 0
     if MIN_CONTEXT <= context < plan.context_length:
-        candidates.append((f"a context of {context:,} tokens fits.",
-                           dict(kwargs, context_length=context)))
-    if forced:
-        for num in range(forced - 1, 0, -1):
-            candidates.append((f"{num} forced expert slots per layer fit.",
-                               dict(kwargs, expert_slots_per_layer=num)))
-    used = {t.gpu_index for t in plan.targets}
-    if gpus and len(used - {None}) < len(gpus):
+        candidates.append((f"a context of {context:,} tokens fits.", dict(kwargs, context_length=context)))
+    candidates += [(f"{num} forced expert slots per layer fit.",
+                    dict(kwargs, expert_slots_per_layer=num)) for num in range((forced or 1) - 1, 0, -1)]
+    if gpus and len({t.gpu_index for t in plan.targets} - {None}) < len(gpus):
         candidates.append((f"spreading the layers over all {len(gpus)} GPUs fits.",
                            dict(kwargs, targets=[f"cuda:{g.index}" for g in gpus])))
     for text, trial_kwargs in candidates:
@@ -439,14 +381,13 @@ def detect_gpus() -> list[GpuInfo]:
         import torch
     except ImportError:
         return []
-    if not torch.cuda.is_available():
-        return []
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return [GpuInfo(i, torch.cuda.get_device_name(i), *reversed(torch.cuda.mem_get_info(i)))
-            for i in range(torch.cuda.device_count())]
+            for i in range(count)]
 
 
 def detect_host_memory() -> tuple[int, int]:
-    """(total, available) host RAM in bytes (Linux MemAvailable; sysconf elsewhere)."""
+    """(total, available) host RAM in bytes: /proc/meminfo on Linux, sysconf elsewhere."""
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}

@@ -140,7 +140,7 @@ class OffloadedExperts:
         experts, counts = torch.unique(top_idx, return_counts=True)
         weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for expert in experts.tolist():
-            slot = self.policy._slot.get((layer, expert))
+            slot = self.policy.peek((layer, expert))
             weights[expert] = (slots.weights(slot, expert, self.dtype) if slot is not None
                                else self._staged(layer, expert, slots.device))
         out = run_experts(x, top_idx, top_weights, weights.__getitem__)
@@ -148,9 +148,9 @@ class OffloadedExperts:
         return out
 
     def seed(self, counts: dict[tuple[int, int], float]) -> None:
-        before = dict(self.policy._slot)
+        before = self.policy.resident()
         self.policy.seed(counts)
-        for key, slot in self.policy._slot.items():
+        for key, slot in self.policy.resident().items():
             if before.get(key) != slot:
                 self.bytes_copied += self.layers[key[0]].fill(slot, key[1])
 

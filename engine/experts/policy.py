@@ -22,7 +22,8 @@ Counts = Mapping[Key, float] | np.ndarray  # np: [L, E] uses per layer and exper
 def _counts_items(counts: Counts) -> list[tuple[Key, float]]:
     if isinstance(counts, np.ndarray):
         layers, experts = np.nonzero(counts)
-        return [((int(l), int(e)), float(counts[l, e])) for l, e in zip(layers, experts)]
+        return [((int(layer), int(e)), float(counts[layer, e]))
+                for layer, e in zip(layers, experts)]
     return [(key, float(c)) for key, c in counts.items() if c > 0]
 
 

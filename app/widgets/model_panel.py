@@ -1,0 +1,226 @@
+"""The model panel: folder, placement plan, load progress, cancel/unload, memory use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import Signal, SignalInstance, Slot
+from PySide6.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app.state import ModelStatus
+from app.widgets.message_view import format_bytes
+
+CONTEXT_LENGTHS = (8192, 16384, 32768, 65536, 131072, 262144)
+GIB = 1024**3
+
+
+def progress_text(done: int, total: int, elapsed_s: float, stage: str) -> str:
+    """ "1.2 GB of 5.0 GB · 300 MB/s · 12 s left · reading weights"."""
+    parts = [f"{format_bytes(done)} of {format_bytes(total)}"]
+    if elapsed_s > 0 and done > 0:
+        rate = done / elapsed_s
+        parts.append(f"{format_bytes(rate)}/s")
+        if total > done:
+            parts.append(f"{(total - done) / rate:.0f} s left")
+    parts.append(stage)
+    return " · ".join(parts)
+
+
+def plan_text(plan: Any) -> str:
+    verdict = "Fits" if plan.fits else "Does not fit"
+    lines = [f"<b>{verdict}.</b> {plan.summary}", "<ul>"]
+    for part in plan.parts:
+        lines.append(f"<li>{part.device}: {part.what} ({format_bytes(part.num_bytes)})</li>")
+    lines.append("</ul>")
+    lines.append(
+        f"GPU memory {format_bytes(plan.gpu_bytes)}, host memory {format_bytes(plan.host_bytes)}."
+    )
+    return "".join(lines)
+
+
+class ModelPanel(QWidget):
+    """Views `ModelStatus`; emits what the user asks for."""
+
+    plan_requested = Signal(Path)
+    load_requested = Signal(Path)
+    demo_requested = Signal()
+    cancel_requested = Signal()
+    unload_requested = Signal()
+    budget_changed = Signal(float, int)  # GiB per GPU (0 = automatic), context length
+
+    def __init__(self, status: ModelStatus, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.status = status
+        self.setObjectName("modelPanel")
+        self.setMinimumWidth(400)
+        self._build_widgets()
+        self._build_layout()
+        status.state_changed.connect(self.on_status_state_changed)
+        status.plan_changed.connect(self.on_status_plan_changed)
+        status.progress_changed.connect(self.on_status_progress_changed)
+        status.loaded_changed.connect(self.on_status_loaded_changed)
+        status.load_failed.connect(self.on_status_load_failed)
+        status.resources_changed.connect(self.on_status_resources_changed)
+        self.on_status_loaded_changed()
+
+    def _build_widgets(self) -> None:
+        self.folder_edit = QLineEdit(self, placeholderText="Folder of the Mistral Small 4 model")
+        self.folder_edit.setAccessibleName("Model folder")
+        self.browse_button = QPushButton("Choose folder…", self)
+        self.browse_button.clicked.connect(self.on_browse_button_clicked)
+        self.budget_spin = QDoubleSpinBox(self, suffix=" GB", maximum=4096, decimals=0)
+        self.budget_spin.setSpecialValueText("automatic")
+        self.budget_spin.setAccessibleName("VRAM budget per GPU")
+        self.context_combo = QComboBox(self)
+        self.context_combo.setAccessibleName("Context length")
+        for length in CONTEXT_LENGTHS:
+            self.context_combo.addItem(f"{length // 1024}K tokens", length)
+        self.budget_spin.valueChanged.connect(self._emit_budget)
+        self.context_combo.currentIndexChanged.connect(self._emit_budget)
+        self.plan_button = QPushButton("Check plan", self)
+        self.plan_button.clicked.connect(lambda: self._emit_for_folder(self.plan_requested))
+        self.load_button = QPushButton("Load", self)
+        self.load_button.clicked.connect(lambda: self._emit_for_folder(self.load_requested))
+        self.demo_button = QPushButton("Use the demo model", self)
+        self.demo_button.clicked.connect(self.demo_requested)
+        self.cancel_button = QPushButton("Cancel loading", self)
+        self.cancel_button.clicked.connect(self.cancel_requested)
+        self.unload_button = QPushButton("Unload", self)
+        self.unload_button.clicked.connect(self.unload_requested)
+        self.plan_label = QLabel("Choose a folder, then check the plan before loading.", self)
+        self.progress = QProgressBar(self, maximum=1000)
+        self.progress.setAccessibleName("Load progress")
+        self.progress_label = QLabel(self)
+        self.model_label = QLabel("No model loaded.", self)
+        self.memory_label = QLabel(self)
+        self.error_label = QLabel(self)
+        self.error_label.setObjectName("errorLabel")
+        for label in (self.plan_label, self.progress_label, self.model_label, self.error_label):
+            label.setWordWrap(True)
+
+    def _build_layout(self) -> None:
+        folder_row = QHBoxLayout()
+        folder_row.addWidget(self.folder_edit, 1)
+        folder_row.addWidget(self.browse_button)
+        form = QFormLayout()
+        form.addRow("VRAM budget per GPU", self.budget_spin)
+        form.addRow("Context length", self.context_combo)
+        buttons = QHBoxLayout()
+        for button in (self.plan_button, self.load_button, self.cancel_button, self.unload_button):
+            buttons.addWidget(button)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.model_label)
+        layout.addWidget(self.memory_label)
+        layout.addLayout(folder_row)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.demo_button)
+        layout.addWidget(self.plan_label)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.progress_label)
+        layout.addWidget(self.error_label)
+        layout.addStretch(1)
+
+    # ------------------------------------------------------------------ API
+    def folder(self) -> Path:
+        return Path(self.folder_edit.text().strip()).expanduser()
+
+    def set_values(self, folder: str, budget_gb: float, context_length: int) -> None:
+        self.folder_edit.setText(folder)
+        self.folder_edit.setCursorPosition(0)
+        self.budget_spin.setValue(budget_gb)
+        index = self.context_combo.findData(context_length)
+        self.context_combo.setCurrentIndex(index if index >= 0 else 2)
+
+    def _emit_for_folder(self, signal: SignalInstance) -> None:
+        if not self.folder_edit.text().strip():
+            self.error_label.setText("Choose the model folder first (Choose folder…).")
+            return
+        signal.emit(self.folder())
+
+    def budget_bytes(self) -> int | None:
+        value = self.budget_spin.value()
+        return int(value * GIB) if value > 0 else None
+
+    def context_length(self) -> int:
+        return int(self.context_combo.currentData())
+
+    def _emit_budget(self) -> None:
+        self.budget_changed.emit(self.budget_spin.value(), self.context_length())
+
+    # ------------------------------------------------------------------ slots
+    @Slot()
+    def on_browse_button_clicked(self) -> None:
+        folder = QFileDialog.getExistingDirectory(
+            self, "Choose the model folder", self.folder_edit.text()
+        )
+        if folder:
+            self.folder_edit.setText(folder)
+            self.plan_requested.emit(Path(folder))
+
+    @Slot(str)
+    def on_status_state_changed(self, state: str) -> None:
+        is_loading = self.status.is_loading
+        self.cancel_button.setVisible(is_loading)
+        self.load_button.setEnabled(not is_loading)
+        self.demo_button.setEnabled(not is_loading)
+        self.progress.setVisible(is_loading)
+        self.progress_label.setVisible(is_loading)
+        self.unload_button.setEnabled(self.status.is_loaded and state == "idle")
+        self.error_label.setText(self.status.error)
+
+    @Slot(object)
+    def on_status_plan_changed(self, plan: Any) -> None:
+        self.plan_label.setText(plan_text(plan))
+
+    @Slot(object)
+    def on_status_progress_changed(self, event: Any) -> None:
+        total = max(1, event.total_bytes)
+        self.progress.setValue(int(1000 * event.done_bytes / total))
+        self.progress_label.setText(
+            progress_text(event.done_bytes, event.total_bytes, event.elapsed_s, event.stage)
+        )
+
+    @Slot()
+    def on_status_loaded_changed(self) -> None:
+        loaded = self.status.loaded
+        if loaded is None:
+            self.model_label.setText("No model loaded.")
+            self.memory_label.clear()
+            self.memory_label.hide()
+        else:
+            demo = " (demo: random answers)" if loaded.is_demo else ""
+            self.model_label.setText(
+                f"<b>{loaded.model_name}</b>{demo}<br>{loaded.device_summary}<br>"
+                f"context {loaded.context_length:,} tokens"
+            )
+        self.on_status_state_changed(self.status.state)
+
+    @Slot(str)
+    def on_status_load_failed(self, _message: str) -> None:
+        self.on_status_state_changed(self.status.state)
+
+    @Slot(object)
+    def on_status_resources_changed(self, usage: Any) -> None:
+        gpus = [
+            f"GPU {i}: {format_bytes(used)} of {format_bytes(total)}"
+            for i, (used, total) in enumerate(zip(usage.gpu_used_bytes, usage.gpu_total_bytes))
+        ]
+        host = (
+            f"RAM: {format_bytes(usage.host_used_bytes)} of {format_bytes(usage.host_total_bytes)}"
+        )
+        self.memory_label.setText("In use: " + " · ".join([*gpus, host]))
+        self.memory_label.show()

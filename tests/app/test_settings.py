@@ -1,0 +1,56 @@
+"""Settings: defaults, JSON round trip, atomic writes, unreadable files, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from app.errors import SettingsError
+from app.settings import Settings, SettingsFile, atomic_write_text
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    file = SettingsFile(tmp_path)
+    assert file.load() == Settings()
+    changed = replace(Settings(), system_prompt="Be brief.", seed=7, theme="dark", font_size=14)
+    file.save(changed)
+    assert file.load() == changed
+    assert json.loads(file.path.read_text())["seed"] == 7
+
+
+def test_unknown_keys_and_bad_theme_are_ignored(tmp_path: Path) -> None:
+    (tmp_path / "settings.json").write_text('{"theme": "neon", "future_key": 1, "top_p": 0.5}')
+    settings = SettingsFile(tmp_path).load()
+    assert settings.theme == "system" and settings.top_p == 0.5
+
+
+def test_corrupt_file_gives_defaults(tmp_path: Path) -> None:
+    (tmp_path / "settings.json").write_text("{not json")
+    assert SettingsFile(tmp_path).load() == Settings()
+
+
+def test_atomic_write_keeps_old_file_when_writing_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "settings.json"
+    target.write_text("old")
+
+    def broken_replace(src: str, dst: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        atomic_write_text(target, "new")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["settings.json"]  # no temp file left
+
+
+def test_save_failure_says_what_to_do(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SettingsError, match="disk has space"):
+        SettingsFile(blocker).save(Settings())

@@ -1,0 +1,177 @@
+"""Expert-cache policies: exact counts on hand-made traces, and LRU vs LRFU vs Belady on traces."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from engine.experts.policy import (
+    CachePolicy,
+    LRFUPolicy,
+    LRUPolicy,
+    belady_hit_rate,
+    simulate,
+)
+from engine.experts.traces import random_trace, routing_counts, synthetic_trace
+
+A, B, C, D = (0, 0), (0, 1), (0, 2), (0, 3)
+
+
+def run(policy: CachePolicy, keys: list[tuple[int, int]]) -> list[bool]:
+    return [policy.access(k) for k in keys]
+
+
+def one_layer(experts: list[int]) -> np.ndarray:
+    """A [T, 1, 1] trace: one expert per token on one layer."""
+    return np.array(experts, dtype=np.int16).reshape(-1, 1, 1)
+
+
+def test_lru_exact_counts() -> None:
+    lru = LRUPolicy(capacity=2)
+    assert run(lru, [A, B, A, C, B, A]) == [False, False, True, False, False, False]
+    assert (lru.num_hits, lru.num_misses, lru.num_evictions) == (1, 5, 3)
+    assert lru.hit_rate == pytest.approx(1 / 6)
+    assert set(lru.resident()) == {B, A}
+
+
+def test_lookup_admit_protocol_and_slots() -> None:
+    lru = LRUPolicy(capacity=2)
+    assert lru.lookup(A) is None
+    assert lru.admit(A) == (0, None)
+    assert lru.admit(B) == (1, None)
+    assert lru.lookup(A) == 0
+    assert lru.admit(C) == (1, B)  # B is least recent: C takes its slot
+    assert lru.peek(B) is None and lru.peek(C) == 1
+    assert lru.evict(A) == 0 and A not in lru
+    assert lru.admit(D) == (0, None)  # the freed slot is reused
+    assert (lru.num_hits, lru.num_misses) == (1, 1)  # admit/evict/peek count nothing
+
+
+def test_per_layer_budgets_are_separate() -> None:
+    lru = LRUPolicy(slots_per_layer=[1, 2])
+    keys = [(1, 0), (1, 1), (0, 5), (1, 0), (1, 1), (0, 6), (0, 5)]
+    assert run(lru, keys) == [False, False, False, True, True, False, False]
+    slots = lru.resident()
+    assert slots[(1, 0)] in (1, 2) and slots[(1, 1)] in (1, 2) and slots[(0, 5)] == 0
+    zero = LRUPolicy(slots_per_layer=[0, 1])
+    assert zero.admit((0, 3)) is None and zero.num_bypasses == 1
+
+
+def test_lrfu_one_off_miss_does_not_evict_a_hot_expert() -> None:
+    keys = [A, A, A, B, A, C, A, D, A]  # A is hot; B, C, D appear once each
+    lrfu = LRFUPolicy(capacity=1, half_life=8)
+    assert run(lrfu, keys) == [False, True, True, False, True, False, True, False, True]
+    assert (lrfu.num_hits, lrfu.num_bypasses, lrfu.num_evictions) == (5, 3, 0)
+    lru = LRUPolicy(capacity=1)
+    assert sum(run(lru, keys)) == 2  # LRU lets every one-off push A out
+
+
+def test_lrfu_admits_a_newcomer_once_it_is_hotter() -> None:
+    lrfu = LRFUPolicy(capacity=1, half_life=2)
+    run(lrfu, [A, A])
+    # B used four times in a row: its decayed score passes A's and it replaces A.
+    assert run(lrfu, [B, B, B, B]) == [False, False, True, True]
+    assert lrfu.resident() == {B: 0} and lrfu.num_evictions == 1
+
+
+def test_seed_from_prefill_counts() -> None:
+    counts = np.zeros((2, 8))
+    counts[0, [1, 2, 3]] = [10, 50, 5]
+    counts[1, [4, 7]] = [3, 9]
+    for policy in (LRUPolicy(slots_per_layer=[2, 1]), LRFUPolicy(slots_per_layer=[2, 1])):
+        policy.seed(counts)
+        assert set(policy.resident()) == {(0, 2), (0, 1), (1, 7)}
+        assert policy.lookup((0, 2)) is not None and policy.num_hits == 1
+    lru = LRUPolicy(slots_per_layer=[2, 1])
+    lru.seed({(0, 1): 10, (0, 2): 50})
+    lru.access((0, 6))  # evicts the colder seeded expert, not the hottest
+    assert set(lru.resident()) == {(0, 2), (0, 6)}
+
+
+def test_lrfu_seeded_scores_protect_prefill_hot_experts() -> None:
+    lrfu = LRFUPolicy(capacity=1, half_life=16)
+    lrfu.seed({A: 100})
+    assert run(lrfu, [B, C, A]) == [False, False, True]
+
+
+def test_belady_exact_and_bypass_matters() -> None:
+    trace = one_layer([0, 1, 2, 0, 1])  # A B C A B with two slots
+    assert belady_hit_rate(trace, 2, bypass=True) == pytest.approx(2 / 5)  # C bypassed
+    assert belady_hit_rate(trace, 2, bypass=False) == pytest.approx(1 / 5)  # C evicts B
+    lru = LRUPolicy(capacity=2)
+    assert simulate(lru, trace) == 0.0
+    looping = one_layer([0, 1, 2] * 20)  # a loop one larger than the cache
+    assert simulate(LRUPolicy(capacity=2), looping) == 0.0
+    assert belady_hit_rate(looping, 2) > belady_hit_rate(looping, 2, bypass=False)
+    assert belady_hit_rate(looping, 2) == pytest.approx(38 / 60)  # 2 of 3 after the first lap
+
+
+def test_belady_global_pool_and_per_layer_sizes() -> None:
+    trace = np.array([[[0], [0]], [[1], [0]], [[0], [0]]], dtype=np.int16)  # [T=3, L=2, K=1]
+    assert belady_hit_rate(trace, 1, per_layer=False) == pytest.approx(2 / 6)
+    assert belady_hit_rate(trace, 2, per_layer=False) == pytest.approx(3 / 6)
+    assert belady_hit_rate(trace, [0, 1]) == pytest.approx(2 / 6)  # only layer 1 caches
+    assert belady_hit_rate(trace, [1, 1]) == pytest.approx(3 / 6)
+
+
+@pytest.fixture(scope="module")
+def synthetic() -> np.ndarray:
+    return synthetic_trace(2000, seed=3)
+
+
+@pytest.fixture(scope="module")
+def uniform() -> np.ndarray:
+    return random_trace(600, 36, 128, 4, seed=3)
+
+
+@pytest.mark.parametrize("slots", [10, 19, 40])
+def test_belady_bounds_online_policies(synthetic: np.ndarray, uniform: np.ndarray,
+                                       slots: int) -> None:
+    for trace in (synthetic[:600], uniform[:400]):
+        optimum = belady_hit_rate(trace, slots)
+        assert optimum >= belady_hit_rate(trace, slots, bypass=False)
+        for policy in (LRUPolicy(slots_per_layer=[slots] * 36),
+                       LRFUPolicy(slots_per_layer=[slots] * 36)):
+            assert simulate(policy, trace) <= optimum
+
+
+def test_lrfu_beats_lru_and_nears_belady_on_the_synthetic_trace(synthetic: np.ndarray) -> None:
+    # Measured (seed 3, 2,000 tokens, per-layer slots): at 19 slots (15%) LRU 0.39,
+    # LRFU 0.52, Belady 0.69; at 40 slots LRU 0.69, LRFU 0.76, Belady 0.85.
+    for slots, min_gain, min_of_belady in ((19, 0.08, 0.72), (40, 0.04, 0.85)):
+        lru = simulate(LRUPolicy(slots_per_layer=[slots] * 36), synthetic)
+        lrfu = simulate(LRFUPolicy(slots_per_layer=[slots] * 36), synthetic)
+        optimum = belady_hit_rate(synthetic, slots)
+        assert lrfu >= lru + min_gain, (slots, lru, lrfu)
+        assert lrfu >= min_of_belady * optimum, (slots, lrfu, optimum)
+
+
+def test_global_pool_lrfu_beats_lru(synthetic: np.ndarray) -> None:
+    short = synthetic[:800]
+    lru = simulate(LRUPolicy(capacity=19 * 36), short)
+    lrfu = simulate(LRFUPolicy(capacity=19 * 36), short)
+    assert lrfu >= lru + 0.05
+    assert lrfu <= belady_hit_rate(short, 19 * 36, per_layer=False)
+
+
+def test_random_routing_gives_every_policy_the_cache_fraction(uniform: np.ndarray) -> None:
+    for policy in (LRUPolicy(slots_per_layer=[19] * 36), LRFUPolicy(slots_per_layer=[19] * 36)):
+        assert simulate(policy, uniform) == pytest.approx(19 / 128, abs=0.02)
+
+
+def test_seeding_from_prefill_helps_the_first_decode_tokens(synthetic: np.ndarray) -> None:
+    prefill, decode = synthetic[:300], synthetic[300:340]
+    cold = simulate(LRFUPolicy(slots_per_layer=[19] * 36), decode)
+    warm_policy = LRFUPolicy(slots_per_layer=[19] * 36)
+    warm_policy.seed(routing_counts(prefill, 128))
+    assert simulate(warm_policy, decode) >= cold + 0.05  # measured 0.53 vs 0.44
+
+
+def test_simulation_is_fast_enough() -> None:
+    trace = random_trace(2000, 36, 128, 4, seed=0)
+    start = time.perf_counter()
+    simulate(LRFUPolicy(slots_per_layer=[19] * 36), trace)
+    belady_hit_rate(trace, 19)
+    assert time.perf_counter() - start < 6.0  # ~1.5 s here; the brief asks for a couple
