@@ -36,6 +36,8 @@ class ChatMessage:
     images: tuple[Path, ...] = ()
     documents: tuple[Path, ...] = ()
     reasoning: str = ""  # an assistant turn's reasoning, re-rendered as [THINK]...[/THINK]
+    # Parallel to `documents`: which pages to include, e.g. "1-20,25"; "" (or absent) = all.
+    document_pages: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,15 @@ class ReadDocument:
 
 
 @dataclass(frozen=True)
+class ReadPage:
+    """The text of one page of a document (for a citation's page view)."""
+
+    request_id: str
+    path: Path
+    page: int
+
+
+@dataclass(frozen=True)
 class Cancel:
     """Stop the request `target_id` (a load or an answer) within one step."""
 
@@ -139,6 +150,7 @@ Request = (
     | Ask
     | CountTokens
     | ReadDocument
+    | ReadPage
     | Cancel
     | QueryResources
     | Shutdown
@@ -249,6 +261,37 @@ class DocumentRead:
 
 
 @dataclass(frozen=True)
+class CitationCheck:
+    """One [p. N: "quote"] in an answer, checked against that page's text."""
+
+    text: str  # the citation as written in the answer
+    document: Path | None  # the attached file it points to (None: no such page attached)
+    page: int
+    quote: str
+    verified: bool
+    status: str  # "exact", "fuzzy", "not_found", "no_quote", "no_page"
+    span_start: int = -1  # the quote's [start, end) in the page text, for highlighting
+    span_end: int = -1
+
+
+@dataclass(frozen=True)
+class CitationsChecked:
+    """Sent after an answer about attached documents, before Finished."""
+
+    request_id: str
+    citations: tuple[CitationCheck, ...]
+
+
+@dataclass(frozen=True)
+class PageText:
+    request_id: str
+    path: Path
+    page: int
+    label: str  # "p. 3", "Sheet1", "section 2"
+    text: str
+
+
+@dataclass(frozen=True)
 class ResourceUsage:
     request_id: str
     gpu_used_bytes: tuple[int, ...]
@@ -284,6 +327,8 @@ Event = (
     | Stats
     | TokenCount
     | DocumentRead
+    | CitationsChecked
+    | PageText
     | ResourceUsage
     | Failed
     | Finished

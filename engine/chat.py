@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from engine import api
 from engine.errors import CheckpointError, InputError
@@ -25,7 +26,7 @@ class Prompt:
     parts: list[api.TokenCountPart] = field(default_factory=list)
 
 
-DocumentReader = Callable[[Path], str]
+DocumentReader = Callable[[Path], Any]  # path -> engine.documents.Document
 
 
 class ChatFormatter:
@@ -105,24 +106,47 @@ def _render_messages(messages: Sequence[api.ChatMessage], read_document: Documen
             content.append({"type": "text", "text": msg.content})
             rendered.append({"role": "assistant", "content": content})
             continue
-        text = msg.content
-        if msg.documents:
-            if read_document is None:
-                raise InputError("Documents cannot be read here; attach them in the app.")
-            docs = [read_document(Path(p)) for p in msg.documents]
-            parts.extend(api.TokenCountPart(f"document {Path(p).name}", count_tokens(d))
-                         for p, d in zip(msg.documents, docs))
-            text = "\n\n".join(docs + ([text] if text else []))
         content = []
         for path in msg.images:
             img = prepare_image(Path(path))
             images.append(img)
             parts.append(api.TokenCountPart(f"image {Path(path).name}", len(img.tokens)))
             content.append({"type": "image"})
-        if text or not content:
-            content.append({"type": "text", "text": text})
+        if msg.documents:
+            if read_document is None:
+                raise InputError("Documents cannot be read here; attach them in the app.")
+            content += _document_blocks(msg, read_document, count_tokens, images, parts)
+        if msg.content or not content:
+            content.append({"type": "text", "text": msg.content})
         rendered.append({"role": "user", "content": content})
     return rendered, images, parts
+
+
+def _document_blocks(msg: api.ChatMessage, read_document: DocumentReader,
+                     count_tokens: Callable[[str], int], images: list[PreparedImage],
+                     parts: list[api.TokenCountPart]) -> list[dict]:
+    """Each document's text with page markers (only the chosen pages), then its scanned pages
+    (no text layer) as images for the vision encoder, each labelled with its page marker."""
+    from engine.documents import render_page_images
+    from engine.documents_bridge import parse_pages
+
+    blocks: list[dict] = []
+    for i, path in enumerate(msg.documents):
+        path = Path(path)
+        doc = read_document(path)
+        spec = msg.document_pages[i] if i < len(msg.document_pages) else ""
+        numbers = parse_pages(spec, len(doc.pages), path.name) if spec else None
+        text = doc.as_prompt_text(numbers)
+        parts.append(api.TokenCountPart(f"document {path.name}", count_tokens(text)))
+        blocks.append({"type": "text", "text": text + "\n\n"})
+        scanned = [n for n in doc.scanned_pages if numbers is None or n in numbers]
+        for number, page_image in zip(scanned, render_page_images(path, scanned) if scanned else []):
+            img = prepare_image(page_image)
+            images.append(img)
+            parts.append(api.TokenCountPart(f"image {path.name} p. {number}", len(img.tokens)))
+            blocks += [{"type": "text", "text": f"[p. {number}] (scanned page of {path.name})"},
+                       {"type": "image"}]
+    return blocks
 
 
 def _default_system_prompt(model_dir: Path) -> str:

@@ -41,8 +41,22 @@ def load_document(path: Path, progress=None, is_cancelled=None):
     return doc
 
 
-def document_text(path: Path) -> str:
-    return load_document(path).as_prompt_text()
+def parse_pages(spec: str, num_pages: int, name: str = "the document") -> list[int]:
+    """"1-20, 25" -> [1..20, 25]; a page outside 1..num_pages is an InputError."""
+    numbers: list[int] = []
+    for part in spec.replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo_text, _, hi_text = part.partition("-")
+        try:
+            lo, hi = int(lo_text), int(hi_text or lo_text)
+        except ValueError as exc:
+            raise InputError(f"'{part}' is not a page range; write pages like 1-20, 25.") from exc
+        if not 1 <= lo <= hi <= num_pages:
+            raise InputError(f"{name} has pages 1-{num_pages}; '{part}' is outside that range.")
+        numbers.extend(range(lo, hi + 1))
+    return sorted(set(numbers))
 
 
 def describe_file(req: api.ReadDocument, count_tokens: Callable[[str], list[int]] | None,

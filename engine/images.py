@@ -71,10 +71,11 @@ def open_image(path: Path):
     return img
 
 
-def prepare_image(path: Path) -> PreparedImage:
+def prepare_image(source) -> PreparedImage:
+    """From an image file path or an already decoded PIL image (e.g. a rendered PDF page)."""
     from PIL import Image
 
-    img = open_image(path)
+    img = source if isinstance(source, Image.Image) else open_image(Path(source))
     if img.mode in ("RGBA", "LA", "P"):
         img = img.convert("RGBA")
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))

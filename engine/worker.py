@@ -105,39 +105,23 @@ class Worker:
         return self.model
 
     def on_Ask(self, req: api.Ask) -> None:
-        from engine.documents_bridge import document_text
-        from engine.generate import Generator
+        from engine.answering import answer
 
-        model = self._require_model()
-        rid = req.request_id
-        self.emit(api.StateChanged(rid, "prefill"))
-        prompt = model.formatter.build(req.messages, req.system_prompt, req.reasoning_effort,
-                                       document_text)
-        cache = model.cache_for(req.session, prompt)
-        gen = Generator(model, prompt, req.sampling, cache,
-                        is_cancelled=lambda: self.is_cancelled(rid),
-                        on_prefill=lambda done, total: self.emit(api.PrefillProgress(rid, done, total)),
-                        prefill_chunk=2048 if model.layer_devices[0].type == "cuda" else 512)
-        started = False
-        for delta in gen.stream():
-            if not started:
-                self.emit(api.StateChanged(rid, "generating"))
-                started = True
-            event = api.ReasoningDelta if delta.kind == "reasoning" else api.AnswerDelta
-            self.emit(event(rid, delta.text))
-        result = gen.result
-        model.keep_cache(req.session, prompt, result.output_ids, cache)
-        counters = getattr(model.experts, "counters", lambda: {})()
-        self.emit(result.stats.to_event(rid, counters))
-        self.emit(api.StateChanged(rid, "idle"))
-        self.emit(api.Finished(rid, result.finish_reason))
+        answer(self._require_model(), req, self.emit, lambda: self.is_cancelled(req.request_id))
+
+    def on_ReadPage(self, req: api.ReadPage) -> None:
+        from engine.answering import page_text
+
+        self.emit(page_text(req))
+        self.emit(api.Finished(req.request_id, "stop"))
 
     def on_CountTokens(self, req: api.CountTokens) -> None:
-        from engine.documents_bridge import document_text
+        from engine.answering import system_prompt_for
+        from engine.documents_bridge import load_document
 
         model = self._require_model()
-        prompt = model.formatter.build(req.messages, req.system_prompt, req.reasoning_effort,
-                                       document_text)
+        system = system_prompt_for(req, model.formatter.default_system)
+        prompt = model.formatter.build(req.messages, system, req.reasoning_effort, load_document)
         parts = list(prompt.parts)
         doc_tokens = sum(p.num_tokens for p in parts if p.label.startswith(("image ", "document ")))
         system_tokens = sum(p.num_tokens for p in parts if p.label == "system prompt")

@@ -138,3 +138,18 @@ def test_plan_is_shown_before_loading(service, tiny_checkpoint):
     assert plan.fits and plan.summary.startswith("fits:")
     assert any("KV cache (4,096 tokens)" in part.what for part in plan.parts)
     assert any(part.what.startswith("routed experts") for part in plan.parts)
+
+
+def test_answer_about_a_document_ends_with_a_citation_check(service, tiny_checkpoint, tmp_path):
+    svc, sink = service
+    _load(svc, sink, tiny_checkpoint)
+    doc = tmp_path / "notes.md"
+    doc.write_text("# Plan\n\nThe launch is on 4 May.\n")
+    svc.submit(api.Ask("q", (api.ChatMessage("user", "When is the launch?", documents=(doc,)),),
+                       sampling=api.SamplingParams(temperature=0.0, max_tokens=4)))
+    events = sink.until_finished("q")
+    kinds = [type(e).__name__ for e in events]
+    assert kinds.index("CitationsChecked") < kinds.index("Finished")
+    svc.submit(api.ReadPage("p", doc, 1))
+    page = next(e for e in sink.until_finished("p") if isinstance(e, api.PageText))
+    assert "4 May" in page.text
