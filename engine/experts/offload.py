@@ -13,8 +13,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from engine.checkpoint import Checkpoint
+from engine.experts import fp8_kernel
 from engine.experts.ceiling import split_misses
-from engine.experts.compute import cpu_expert_forward, dequant_expert
+from engine.experts.compute import cpu_expert_forward, dequant_expert, expert_forward
 from engine.experts.policy import CachePolicy, LRFUPolicy, LRUPolicy
 from engine.experts.store import HostExpertStore, LayerExperts
 from engine.model.moe import run_experts
@@ -34,6 +35,8 @@ class LayerSlots:
         self.gate_up = torch.empty((num_slots, *shape_gu), dtype=host.gate_up.dtype, device=device)
         self.down = torch.empty((num_slots, *shape_d), dtype=host.down.dtype, device=device)
         self.expert_of_slot = [-1] * num_slots
+        self.use_kernel = host.gate_up.dtype == torch.float8_e4m3fn and \
+            fp8_kernel.kernel_usable(device, shape_gu[1], shape_d[1])
 
     def fill(self, slot: int, expert: int) -> int:
         """Copy expert's weights from the host store into a slot; returns the bytes moved."""
@@ -43,7 +46,25 @@ class LayerSlots:
         self.expert_of_slot[local] = expert
         return self.host.expert_bytes()
 
-    def weights(self, slot: int, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def weights(self, slot: int, expert: int, dtype: torch.dtype):
+        """Dequantised (gate_up, down) of a cached expert, or, on GPUs with the FP8 kernel, a
+        callable computing the expert straight from the FP8 slot (read when it runs)."""
+        local = slot - self.first_slot
+        if self.use_kernel and dtype == torch.bfloat16:
+            gu, dn = self.gate_up[local], self.down[local]
+            gu_s, dn_s = self.host.gate_up_scale[expert], self.host.down_scale[expert]
+
+            def compute(xs: torch.Tensor) -> torch.Tensor:
+                if xs.shape[0] <= fp8_kernel.MAX_TOKENS:
+                    return fp8_kernel.fp8_expert_forward(xs, gu, gu_s, dn, dn_s)
+                return expert_forward(xs, *dequant_expert(gu, gu_s, dn, dn_s, dtype))
+
+            return compute
+        return dequant_expert(self.gate_up[local], self.host.gate_up_scale[expert],
+                              self.down[local], self.host.down_scale[expert], dtype)
+
+    def materialize(self, slot: int, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The expert's weights copied out of its slot (before the slot is refilled)."""
         local = slot - self.first_slot
         return dequant_expert(self.gate_up[local], self.host.gate_up_scale[expert],
                               self.down[local], self.host.down_scale[expert], dtype)
@@ -98,6 +119,10 @@ class OffloadedExperts:
             elif admitted is None:  # no CPU path: serve from a staging copy, uncached
                 plan[expert] = self._staged(layer, expert, slots.device)
             else:
+                evicted = admitted[1]
+                if evicted is not None and evicted[0] == layer and evicted[1] in plan:
+                    # A hit of this very step is being evicted: keep its weights first.
+                    plan[evicted[1]] = slots.materialize(admitted[0], evicted[1], self.dtype)
                 self.bytes_copied += slots.fill(admitted[0], expert)
                 plan[expert] = slots.weights(admitted[0], expert, self.dtype)
         for expert, job in cpu_jobs.items():

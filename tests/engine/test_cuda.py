@@ -75,3 +75,19 @@ def test_cuda_greedy_generation_equals_cpu(tiny_checkpoint):
         outputs.append(Generator(model, prompt, params, model.decoder.new_cache()).run().output_ids)
         model.close()
     assert outputs[0] == outputs[1]
+
+
+def test_fp8_kernel_matches_the_eager_path():
+    from engine.experts import fp8_kernel
+    from engine.experts.compute import dequant_expert, expert_forward
+
+    assert fp8_kernel.kernel_usable(torch.device("cuda:0"), 256, 128)
+    gen = torch.Generator().manual_seed(3)
+    gu = (torch.randn(256, 256, generator=gen) * 20).to(torch.float8_e4m3fn).cuda()
+    dn = (torch.randn(256, 128, generator=gen) * 20).to(torch.float8_e4m3fn).cuda()
+    s1, s2 = torch.tensor(0.003), torch.tensor(0.004)
+    for tokens in (1, 4, 16):
+        x = torch.randn(tokens, 256, generator=gen).cuda().to(torch.bfloat16)
+        ours = fp8_kernel.fp8_expert_forward(x, gu, s1, dn, s2)
+        ref = expert_forward(x, *dequant_expert(gu, s1, dn, s2, torch.bfloat16))
+        assert_close(f"fp8 kernel t={tokens}", ours, ref, 0.02 * float(ref.abs().max()))
