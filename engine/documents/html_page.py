@@ -6,20 +6,20 @@ import re
 import warnings
 from pathlib import Path
 
-from bs4 import BeautifulSoup, Comment, Tag
+from bs4 import BeautifulSoup, CData, NavigableString, PageElement, Tag
 
 from engine.documents.base import Document, Work, markdown_table, sectioned_document
 from engine.errors import DocumentError
 
-_DROP = (
+_DROP = {
     "script", "style", "noscript", "template", "nav", "aside", "iframe", "svg", "canvas",
     "object", "embed", "button", "select", "head",
-)  # fmt: skip
+}  # fmt: skip
 _DROP_ROLES = {"navigation", "banner", "contentinfo", "complementary", "search"}
-_BLOCKS = (
+_BLOCKS = {
     "p", "div", "section", "article", "main", "ul", "ol", "dl", "dt", "dd", "blockquote",
     "pre", "hr", "figure", "figcaption", "address", "tr", "header", "footer", "details",
-)  # fmt: skip
+}  # fmt: skip
 # Private-use characters stand for breaks while whitespace inside the text is collapsed.
 _PARAGRAPH, _LINE = "\ue000", "\ue001"
 
@@ -39,41 +39,51 @@ def read_html(path: Path, work: Work) -> Document:
 
 
 def html_text(soup: BeautifulSoup) -> str:
-    """The readable text of a parsed page, with # headings, - list items and Markdown tables."""
-    _strip_boilerplate(soup)
+    """The readable text of a parsed page, with # headings, - list items and Markdown tables.
+
+    One iterative walk that emits text and skips boilerplate subtrees: no recursion (pages
+    can nest thousands deep) and no tree edits (bs4 inserts are O(siblings)).
+    """
     root = soup.find("main") or soup.find("article") or soup.body or soup
-    for element in root.find_all(re.compile(r"^h[1-6]$")):
-        level = int(element.name[1])
-        element.replace_with(f"{_PARAGRAPH}{'#' * level} {_inline(element)}{_PARAGRAPH}")
-    for element in root.find_all("table"):
-        if element.find_parent("table") is None:
-            element.replace_with(_PARAGRAPH + _table(element).replace("\n", _LINE) + _PARAGRAPH)
-    for element in root.find_all("li"):
-        element.insert(0, f"{_LINE}- ")
-    for element in root.find_all("br"):
-        element.replace_with(_LINE)
-    for element in root.find_all(_BLOCKS):
-        element.insert_before(_PARAGRAPH)
-        element.insert_after(_PARAGRAPH)
-    text = re.sub(r"\s+", " ", "".join(root.strings))
+    out: list[str] = []
+    stack: list[PageElement | str] = [root] if isinstance(root, Tag) else []
+    while stack:
+        node = stack.pop()
+        if isinstance(node, NavigableString):
+            if type(node) in (NavigableString, CData):  # not comments, doctypes, ...
+                out.append(str(node))
+        elif isinstance(node, str):
+            out.append(node)  # a break marker or rendered block pushed by _expand
+        elif isinstance(node, Tag) and not _is_boilerplate(node):
+            stack.extend(_expand(node))
+    text = re.sub(r"\s+", " ", "".join(out))
     text = text.replace(_LINE, "\n").replace(_PARAGRAPH, "\n\n")
     text = re.sub(r" *\n *", "\n", text)
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
-def _strip_boilerplate(soup: BeautifulSoup) -> None:
-    for comment in soup.find_all(string=lambda s: isinstance(s, Comment)):
-        comment.extract()
-    doomed = list(soup.find_all(_DROP))
+def _expand(tag: Tag) -> list[PageElement | str]:
+    """What to push for `tag`, in reverse order (the stack pops the last item first)."""
+    name = tag.name
+    if re.fullmatch(r"h[1-6]", name):
+        return [f"{_PARAGRAPH}{'#' * int(name[1])} {_inline(tag)}{_PARAGRAPH}"]
+    if name == "table":
+        return [_PARAGRAPH + _table(tag).replace("\n", _LINE) + _PARAGRAPH]
+    if name == "br":
+        return [_LINE]
+    children: list[PageElement | str] = list(reversed(tag.contents))
+    if name == "li":
+        return [*children, f"{_LINE}- "]
+    if name in _BLOCKS:
+        return [_PARAGRAPH, *children, _PARAGRAPH]
+    return children
+
+
+def _is_boilerplate(tag: Tag) -> bool:
+    if tag.name in _DROP or tag.get("aria-hidden") == "true" or tag.get("role") in _DROP_ROLES:
+        return True
     # A header inside an article is its title block; the site's own header is chrome.
-    doomed += [
-        e for e in soup.find_all(["header", "footer"]) if not e.find_parent(["article", "main"])
-    ]
-    doomed += [e for e in soup.find_all(True, attrs={"role": True}) if e.get("role") in _DROP_ROLES]
-    doomed += soup.find_all(True, attrs={"aria-hidden": "true"})
-    for element in doomed:
-        if isinstance(element, Tag) and not element.decomposed:
-            element.decompose()
+    return tag.name in ("header", "footer") and tag.find_parent(["article", "main"]) is None
 
 
 def _inline(element: Tag) -> str:

@@ -18,6 +18,9 @@ from engine.model.rope import Rope, apply_interleaved
 
 # At or below this many new tokens, the absorbed form is cheaper (no re-expansion of the cache).
 ABSORB_MAX_TOKENS = 16
+# Long prefill: queries attend in blocks of this many, so the [T, S] mask and any
+# materialised scores stay small at 128K-256K keys.
+QUERY_BLOCK = 2048
 
 
 @dataclass
@@ -72,12 +75,18 @@ def _expanded(cfg: ModelConfig, w: AttentionWeights, q_nope: torch.Tensor, q_pe:
     kv = F.linear(latent, w.kv_b_proj).view(s, n, d + v)  # [S, N, D+V]
     k_nope, value = kv[..., :d], kv[..., d:]
     key = torch.cat([k_nope, k_pe[:, None, :].expand(s, n, -1)], dim=-1)  # [S, N, D+R]
-    query = torch.cat([q_nope, q_pe], dim=-1)  # [T, N, D+R]
-    out = F.scaled_dot_product_attention(
-        query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
-        attn_mask=mask, scale=cfg.softmax_scale,
-    )  # [N, T, V]
-    return out.transpose(0, 1)  # [T, N, V]
+    query = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # [N, T, D+R]
+    key, value = key.transpose(0, 1), value.transpose(0, 1)  # [N, S, D+R], [N, S, V]
+    blocks = []
+    for lo in range(0, query.shape[1], QUERY_BLOCK):
+        hi = lo + QUERY_BLOCK
+        # Keys past the block's last query are masked anyway: leave them out.
+        visible = int(mask[min(hi, mask.shape[0]) - 1].nonzero().max()) + 1
+        blocks.append(F.scaled_dot_product_attention(
+            query[:, lo:hi], key[:, :visible], value[:, :visible],
+            attn_mask=mask[lo:hi, :visible], scale=cfg.softmax_scale,
+        ))  # [N, t, V]
+    return torch.cat(blocks, dim=1).transpose(0, 1)  # [T, N, V]
 
 
 def _absorbed(cfg: ModelConfig, w: AttentionWeights, q_nope: torch.Tensor, q_pe: torch.Tensor,

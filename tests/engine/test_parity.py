@@ -109,3 +109,19 @@ def test_image_prompt_logits_match_reference(tiny_checkpoint, tmp_path):
     # The image really changes the answer's logits (the features were injected).
     text_only = model.formatter.build([api.ChatMessage("user", "What is in this picture?")], "", "none")
     assert len(text_only.ids) < len(prompt.ids)
+
+
+def test_long_prefill_blocking_and_chunking_match_reference(tiny_checkpoint, monkeypatch):
+    """Query blocks (as used at 128K+) and prefill chunks after a cached prefix keep parity."""
+    import engine.model.attention as attention
+
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 5)
+    ids = PROMPT_IDS * 3
+    ref = reference_model(tiny_checkpoint, torch.float32)
+    with torch.no_grad():
+        expected = ref(input_ids=torch.tensor([ids])).logits[0]
+    model = _ours(tiny_checkpoint, "float32")
+    cache = model.decoder.new_cache()
+    parts = [model.forward(model.embed_ids(ids[lo : lo + 17]), cache, logits_for="all", absorb=False)
+             for lo in range(0, len(ids), 17)]
+    assert_close("blocked + chunked prefill", torch.cat(parts), expected, FP32_ATOL)

@@ -32,6 +32,16 @@ def test_absurdly_large_text_file_is_refused_before_reading(tmp_path: Path) -> N
     assert "Split it" in caught.value.user_message
 
 
+def test_html_too_large_to_parse_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "archive.html"
+    with path.open("wb") as file:
+        file.write(b"<html><body>" + b"<p>text</p>" * 100)
+        file.truncate(65 << 20)
+
+    with pytest.raises(DocumentError, match="65 MiB of text"):
+        read_document(path)
+
+
 def test_missing_file_and_folder_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(DocumentError, match="was not found"):
         read_document(tmp_path / "gone.pdf")
