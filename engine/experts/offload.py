@@ -18,6 +18,7 @@ from engine.experts.ceiling import split_misses
 from engine.experts.compute import cpu_expert_forward, dequant_expert, expert_forward
 from engine.experts.policy import CachePolicy, LRFUPolicy, LRUPolicy
 from engine.experts.store import HostExpertStore, LayerExperts
+from engine.experts.streaming import ExpertStreamer, StagingBuffers
 from engine.model.moe import run_experts
 
 # At or above this many tokens in a forward (prefill chunks) a layer's experts are streamed
@@ -90,6 +91,7 @@ class OffloadedExperts:
         # Set on GPU loads (engine.experts.profile): with it, a step's misses are split so that
         # PCIe copies and CPU compute finish together; without it, admission alone decides.
         self.bandwidths: tuple[float, float] | None = None
+        self._buffers: dict[torch.device, StagingBuffers] = {}
         self.bytes_copied = 0
         self.bytes_cpu = 0
         self.num_cpu_experts = 0
@@ -159,18 +161,24 @@ class OffloadedExperts:
 
     def _streamed(self, layer: int, x: torch.Tensor, top_idx: torch.Tensor,
                   top_weights: torch.Tensor) -> torch.Tensor:
-        """Prefill: every expert the chunk uses once, from its slot or a staging copy; the
-        chunk's routing counts warm the cache for the decode that follows."""
+        """Prefill: every expert the chunk uses, once, from its slot or streamed from the host
+        (engine.experts.streaming); the chunk's routing counts warm the cache for decode."""
         slots = self.layers[layer]
         experts, counts = torch.unique(top_idx, return_counts=True)
-        weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for expert in experts.tolist():
-            slot = self.policy.peek((layer, expert))
-            weights[expert] = (slots.weights(slot, expert, self.dtype) if slot is not None
-                               else self._staged(layer, expert, slots.device))
-        out = run_experts(x, top_idx, top_weights, weights.__getitem__)
-        self.seed({(layer, e): float(c) for e, c in zip(experts.tolist(), counts.tolist())})
+        ids = experts.tolist()
+        cached = {e: s for e in ids if (s := self.policy.peek((layer, e))) is not None}
+        streamer = ExpertStreamer(slots, layer, ids, cached, self.dtype, self._staging(slots))
+        out = run_experts(x, top_idx, top_weights, streamer)
+        self.bytes_copied += streamer.num_bytes_copied
+        self.seed({(layer, e): float(c) for e, c in zip(ids, counts.tolist())})
         return out
+
+    def _staging(self, slots: LayerSlots) -> StagingBuffers | None:
+        if slots.device.type != "cuda":
+            return None
+        if slots.device not in self._buffers:
+            self._buffers[slots.device] = StagingBuffers(slots.host.gate_up, slots.host.down, slots.device)
+        return self._buffers[slots.device]
 
     def seed(self, counts: dict[tuple[int, int], float]) -> None:
         before = self.policy.resident()
