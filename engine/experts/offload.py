@@ -19,7 +19,7 @@ from engine.experts.compute import cpu_expert_forward, dequant_expert, expert_fo
 from engine.experts.policy import CachePolicy, LRFUPolicy, LRUPolicy
 from engine.experts.store import HostExpertStore, LayerExperts
 from engine.experts.streaming import ExpertStreamer, StagingBuffers
-from engine.model.moe import run_experts
+from engine.model.moe import Deferred, run_experts
 
 # At or above this many tokens in a forward (prefill chunks) a layer's experts are streamed
 # through staging once per chunk instead of going through the decode cache.
@@ -128,7 +128,7 @@ class OffloadedExperts:
                 self.bytes_copied += slots.fill(admitted[0], expert)
                 plan[expert] = slots.weights(admitted[0], expert, self.dtype)
         for expert, job in cpu_jobs.items():
-            plan[expert] = _precomputed(job.result().to(x.device))
+            plan[expert] = Deferred(job.result)
         return run_experts(x, top_idx, top_weights, plan.__getitem__)
 
     def _num_copies(self, num_misses: int, expert_bytes: int) -> int:
@@ -201,7 +201,3 @@ class OffloadedExperts:
     def close(self) -> None:
         self._cpu_pool.shutdown(wait=True)
 
-
-def _precomputed(output: torch.Tensor):
-    """Adapts a CPU-computed expert output to run_experts' callable form."""
-    return lambda _xs: output

@@ -63,23 +63,37 @@ def moe_block(cfg: ModelConfig, w: MoEWeights, x: torch.Tensor, layer: int,
     return routed + gated_mlp(x, w.shared_gate, w.shared_up, w.shared_down)
 
 
+class Deferred:
+    """An expert output being computed elsewhere (a CPU thread): `result()` blocks for it."""
+
+    def __init__(self, result) -> None:
+        self.result = result
+
+
 def run_experts(x: torch.Tensor, top_idx: torch.Tensor, top_weights: torch.Tensor,
                 expert_weights) -> torch.Tensor:
-    """Reference-order expert loop: experts in id order, outputs index-added per token.
+    """Reference-order expert loop: outputs index-added per token in expert id order.
 
-    `expert_weights(e)` returns (gate_up [2I, H], down [H, I]) for expert e on x's device,
-    or a callable computing the expert's [t, H] output itself (for CPU-served misses).
+    `expert_weights(e)` returns (gate_up [2I, H], down [H, I]) for expert e on x's device, a
+    callable computing the expert's [t, H] output, or a Deferred output. Deferred outputs are
+    collected last, so GPU work is queued while a CPU thread computes them; the sum keeps id
+    order, so results do not depend on where an expert ran.
     """
-    out = torch.zeros_like(x)
+    outputs: dict[int, tuple[torch.Tensor, object]] = {}
     for e in torch.unique(top_idx).tolist():
         token_idx, slot = torch.where(top_idx == e)
-        fn_or_weights = expert_weights(e)
-        xs = x[token_idx]
-        if callable(fn_or_weights):
-            ys = fn_or_weights(xs)
-        else:
-            ys = expert_mlp(xs, *fn_or_weights)
-        ys = ys * top_weights[token_idx, slot, None]
+        source = expert_weights(e)
+        if isinstance(source, Deferred):
+            outputs[e] = (token_idx, source)
+            continue
+        ys = source(x[token_idx]) if callable(source) else expert_mlp(x[token_idx], *source)
+        outputs[e] = (token_idx, ys * top_weights[token_idx, slot, None])
+    out = torch.zeros_like(x)
+    for e in sorted(outputs):
+        token_idx, ys = outputs[e]
+        if isinstance(ys, Deferred):
+            slot = torch.where(top_idx == e)[1]
+            ys = ys.result().to(x.device) * top_weights[token_idx, slot, None]
         out.index_add_(0, token_idx, ys.to(out.dtype))
     return out
 

@@ -158,3 +158,13 @@ def test_machine_profile_is_measured_once_and_stored(tmp_path):
     assert first.cpu_expert_bytes_per_s > 0 and path.is_file()
     again = load_or_measure(torch.device("cpu"), "int8", 64, 32, torch.float32, path)
     assert again == first
+
+
+@pytest.mark.parametrize("slots", [0, 2])
+def test_bf16_offload_is_bit_identical_to_resident(tiny_checkpoint, slots):
+    """Where an expert runs (slot, staging, CPU thread) never changes the result: the same
+    dequantisation, the same sum order."""
+    resident = LoadedModel(tiny_checkpoint, LoadOptions(dtype="bfloat16"))
+    offloaded = LoadedModel(tiny_checkpoint, LoadOptions(dtype="bfloat16", expert_cache_slots=slots))
+    assert torch.equal(_run(resident, prefill=70), _run(offloaded, prefill=70))
+    offloaded.close()
