@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", type=int, default=1,
                    help="split layers over N targets (GPUs, or logical targets on one device)")
     p.add_argument("--gpus", default="", help="comma-separated GPU indices to use")
+    p.add_argument("--gpu-budget", default=None,
+                   help="VRAM to use per GPU, e.g. 24GiB (default: free memory minus a margin)")
     p.add_argument("--record-routing", type=Path, default=None,
                    help="write the selected expert ids per token and layer to FILE (.jsonl or .npy)")
     p.add_argument("--session", default="",
@@ -67,7 +69,12 @@ def run(args: argparse.Namespace) -> dict:
     opts = LoadOptions(device=device, dtype=args.dtype, context_length=args.context_length,
                        expert_cache_slots=args.expert_cache_slots, num_targets=args.targets, gpus=gpus,
                        snapshot_dir=snapshot_dir, snapshot_min_tokens=64, host_format=args.host_format)
-    model = LoadedModel(args.model, opts)
+    from engine.checkpoint import Checkpoint
+    from engine.placement import parse_bytes
+    from engine.planning import planned_options
+
+    budget = parse_bytes(args.gpu_budget) if args.gpu_budget else None
+    model = LoadedModel(args.model, planned_options(opts, Checkpoint.open(args.model), budget))
     if args.record_routing:
         model.experts.routing_log = []
     msg = api.ChatMessage("user", args.prompt, tuple(args.image), tuple(args.doc))

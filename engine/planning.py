@@ -3,10 +3,12 @@ the PlanReady event the app shows before loading, and the slots/split a load use
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from engine import api
 from engine.checkpoint import Checkpoint
+from engine.errors import OutOfMemoryError
 from engine.model.names import TEXT, layer_prefix
 from engine.placement import (
     ModelShape,
@@ -41,7 +43,10 @@ def shape_of(ckpt: Checkpoint) -> ModelShape:
 
 
 def make_plan(ckpt: Checkpoint, device: str, gpu_budget_bytes: int | None, context_length: int,
-              expert_slots: int | None = None, num_targets: int = 1) -> PlacementPlan:
+              expert_slots: int | None = None, num_targets: int = 1,
+              as_layers: int | None = None) -> PlacementPlan:
+    """`as_layers` plans as if the model had that many layers (a benchmark measuring a few
+    layers of a synthetic checkpoint gets the expert slots the full 36-layer model would)."""
     gpus = detect_gpus() if device in ("auto", "cuda") or device.startswith("cuda") else []
     host_total, host_available = detect_host_memory()
     targets = None
@@ -49,7 +54,11 @@ def make_plan(ckpt: Checkpoint, device: str, gpu_budget_bytes: int | None, conte
         targets = ["cpu"] * max(1, num_targets)
     elif num_targets > len(gpus):
         targets = [f"cuda:{gpus[i % len(gpus)].index}" for i in range(num_targets)]
-    return plan_placement(shape_of(ckpt), gpus, host_available_bytes=host_available,
+    shape = shape_of(ckpt)
+    if as_layers:
+        shape = replace(shape, num_layers=as_layers,
+                        host_expert_bytes=shape.host_expert_bytes // shape.num_layers * as_layers)
+    return plan_placement(shape, gpus, host_available_bytes=host_available,
                           host_total_bytes=host_total, context_length=context_length,
                           targets=targets, gpu_budget=gpu_budget_bytes,
                           expert_slots_per_layer=expert_slots)
@@ -63,3 +72,30 @@ def plan_for_folder(req: api.PlanModel) -> api.PlanReady:
     host = plan.shape.host_expert_bytes if plan.host_store == "pinned" else 0
     return api.PlanReady(req.request_id, Path(req.model_dir), plan.fits, plan.summary(), parts,
                          host, gpu_bytes)
+
+
+def planned_options(opts, ckpt: Checkpoint, gpu_budget_bytes: int | None = None,
+                    as_layers: int | None = None):
+    """engine.runtime.LoadOptions completed by the plan. GPU: the plan decides the layer split,
+    the expert slots per layer and whether the host store is pinned or mapped (a plan that does
+    not fit raises OutOfMemoryError with a smaller proposal). CPU: small models keep every
+    expert resident in bf16; one whose experts would not fit RAM that way serves them from the
+    FP8 host store (memory-mapped when even that is short)."""
+    if not opts.device.startswith("cuda"):
+        if opts.expert_cache_slots is not None:
+            return opts
+        _, available = detect_host_memory()
+        expert_bytes = shape_of(ckpt).host_expert_bytes
+        if 2 * expert_bytes < available // 2:
+            return opts
+        return replace(opts, expert_cache_slots=0,
+                       host_mode="ram" if expert_bytes < 0.9 * available else "mmap")
+    plan = make_plan(ckpt, opts.device, gpu_budget_bytes, opts.context_length,
+                     opts.expert_cache_slots, opts.num_targets, as_layers)
+    if not plan.fits:
+        raise OutOfMemoryError(f"The model does not fit this machine as configured: {plan.summary()}")
+    gpus = tuple(t.gpu_index for t in plan.targets if t.gpu_index is not None)
+    slots = min(min(t.slots_per_layer) for t in plan.targets if t.slots_per_layer)
+    num_targets = min(len(plan.targets), ckpt.config.num_hidden_layers)
+    return replace(opts, expert_cache_slots=slots, num_targets=num_targets, gpus=gpus,
+                   host_mode=plan.host_store)

@@ -11,7 +11,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 from engine import api
@@ -148,10 +147,9 @@ class Worker:
 
 
 def _load_options(req: api.LoadModel, ckpt):
-    """CPU: every expert resident (tiny and test models). GPU: the placement plan decides the
-    layer split, the expert slots per layer and whether the host store is pinned or mapped."""
     import torch
 
+    from engine.planning import planned_options
     from engine.runtime import LoadOptions
 
     device = req.device
@@ -159,33 +157,7 @@ def _load_options(req: api.LoadModel, ckpt):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     opts = LoadOptions(device=device, dtype="bfloat16", context_length=req.context_length,
                        expert_cache_slots=req.expert_cache_slots, snapshot_dir=req.snapshot_dir)
-    if not device.startswith("cuda"):
-        return _cpu_options(opts, ckpt)
-    from engine.planning import make_plan
-
-    plan = make_plan(ckpt, device, req.gpu_budget_bytes, req.context_length, req.expert_cache_slots)
-    if not plan.fits:
-        raise OutOfMemoryError(f"The model does not fit this machine as configured: {plan.summary()}")
-    gpus = tuple(t.gpu_index for t in plan.targets if t.gpu_index is not None)
-    slots = min(min(t.slots_per_layer) for t in plan.targets if t.slots_per_layer)
-    return replace(opts, expert_cache_slots=slots, num_targets=len(plan.targets), gpus=gpus,
-                   host_mode=plan.host_store)
-
-
-def _cpu_options(opts, ckpt):
-    """Small models keep every expert resident in bf16; a model whose experts would not fit
-    RAM that way serves them from the FP8 host store (memory-mapped when even that is short)."""
-    from engine.placement import detect_host_memory
-
-    if opts.expert_cache_slots is not None:
-        return opts
-    _, available = detect_host_memory()
-    expert_bytes = sum(t.num_bytes for n, t in ckpt.tensors.items()
-                       if n.endswith((".experts.gate_up_proj", ".experts.down_proj")))
-    if 2 * expert_bytes < available // 2:
-        return opts
-    mode = "ram" if expert_bytes < 0.9 * available else "mmap"
-    return replace(opts, expert_cache_slots=0, host_mode=mode)
+    return planned_options(opts, ckpt, req.gpu_budget_bytes)
 
 
 def _device_summary(model) -> str:

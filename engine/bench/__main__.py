@@ -11,6 +11,7 @@ import json
 import resource
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -63,23 +64,25 @@ def load_model(args: argparse.Namespace):
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    slots, plan_summary, gpus, targets, host_mode = args.expert_cache_slots, "", (), args.targets, "pinned"
-    if device.startswith("cuda"):
-        from engine.checkpoint import Checkpoint
-        from engine.placement import parse_bytes
-        from engine.planning import make_plan
+    from engine.checkpoint import Checkpoint
+    from engine.placement import parse_bytes
+    from engine.planning import make_plan, planned_options
 
-        budget = parse_bytes(args.gpu_budget) if args.gpu_budget else None
-        context = max(_ints(args.depth) + _ints(args.prefill)) + args.tokens + 64
-        plan = make_plan(Checkpoint.open(folder), device, budget, context, slots, targets)
-        plan_summary = plan.summary()
-        if slots is None:
-            slots = min(min(t.slots_per_layer) for t in plan.targets if t.slots_per_layer)
-        gpus = tuple(t.gpu_index for t in plan.targets if t.gpu_index is not None)
-        targets, host_mode = len(plan.targets), plan.host_store
-    opts = LoadOptions(device=device, dtype=args.dtype, context_length=1 << 20,
-                       expert_cache_slots=slots if slots is not None else 0, num_targets=targets,
-                       gpus=gpus, host_mode=host_mode, host_format=args.host_format)
+    gpus = tuple(int(g) for g in args.gpus.split(",") if g.strip())
+    context = max(_ints(args.depth) + _ints(args.prefill)) + args.tokens + 64
+    opts = LoadOptions(device=device, dtype=args.dtype, context_length=context,
+                       expert_cache_slots=args.expert_cache_slots, num_targets=args.targets,
+                       gpus=gpus, host_format=args.host_format)
+    ckpt = Checkpoint.open(folder)
+    budget = parse_bytes(args.gpu_budget) if args.gpu_budget else None
+    plan_summary = ""
+    if device.startswith("cuda"):
+        plan_summary = make_plan(ckpt, device, budget, context, args.expert_cache_slots,
+                                 args.targets, as_layers=REAL_LAYERS).summary()
+    # Plan as the full 36-layer model: the measured layers get the slots they would have.
+    opts = planned_options(opts, ckpt, budget, as_layers=REAL_LAYERS)
+    if opts.expert_cache_slots is None:  # the bench always measures the offload runtime
+        opts = replace(opts, expert_cache_slots=0)
     model = LoadedModel(folder, opts)
     model.experts.cpu_misses = not args.no_cpu_misses
     return model, folder, plan_summary
