@@ -8,7 +8,7 @@ import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,7 +33,8 @@ class LoadOptions:
     gpus: tuple[int, ...] = ()
     max_sessions: int = 4
     host_mode: str = "pinned"  # "pinned" | "mmap": where offloaded experts live on the host
-    host_format: str = "fp8"  # "fp8" (as shipped, exact) | "int8" (per-row, fast CPU kernel)
+    # "fp8" (as shipped, exact) | "int8" (per-row, fast CPU kernel) | "auto" (see planning)
+    host_format: str = "fp8"
     snapshot_dir: Path | None = None  # where session prefixes are saved; None = not saved
     snapshot_min_tokens: int = 1024  # shorter prefixes are cheaper to re-read than to restore
     snapshot_budget_bytes: int = 20 * 2**30
@@ -59,6 +60,8 @@ class LoadedModel:
         t0 = time.perf_counter()
         self.ckpt = Checkpoint.open(model_dir)
         self.config = self.ckpt.config
+        if opts.host_format == "auto":
+            opts = replace(opts, host_format="int8" if opts.expert_cache_slots is not None else "fp8")
         self.opts = opts
         self.dtype = getattr(torch, opts.dtype)
         self.layer_devices = resolve_devices(opts, self.config.num_hidden_layers)

@@ -156,7 +156,8 @@ def _load_options(req: api.LoadModel, ckpt):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     opts = LoadOptions(device=device, dtype="bfloat16", context_length=req.context_length,
-                       expert_cache_slots=req.expert_cache_slots, snapshot_dir=req.snapshot_dir)
+                       expert_cache_slots=req.expert_cache_slots, snapshot_dir=req.snapshot_dir,
+                       host_format="auto")
     return planned_options(opts, ckpt, req.gpu_budget_bytes)
 
 

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, default=8192, help="prefill chunk tokens")
     p.add_argument("--tokens", type=int, default=32, help="decode tokens measured per depth")
     p.add_argument("--warmup", type=int, default=8)
-    p.add_argument("--host-format", choices=("fp8", "int8"), default="fp8")
+    p.add_argument("--host-format", choices=("auto", "fp8", "int8"), default="auto")
     p.add_argument("--no-cpu-misses", action="store_true", help="serve misses by PCIe copies only")
     p.add_argument("--baseline", choices=("hf", "none"), default="none")
     p.add_argument("--baseline-tokens", type=int, default=3)
@@ -120,8 +120,7 @@ def run(args: argparse.Namespace) -> dict:
                            "note": f"times scaled from {cfg.num_hidden_layers} to {REAL_LAYERS} layers"},
                  "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                  "plan": plan_summary, "slots_per_layer": model.opts.expert_cache_slots,
-                 "machine": machine.describe(cfg.hidden_size, cfg.moe_intermediate_size, model.dtype,
-                                             args.host_format),
+                 "machine": machine.describe(cfg.hidden_size, cfg.moe_intermediate_size, model.dtype),
                  "results": []}
     decode = []
     for depth in _ints(args.depth):
@@ -139,7 +138,9 @@ def run(args: argparse.Namespace) -> dict:
     for size in _ints(args.prefill):
         out["results"].append({"test": f"pp{size}"} | prefill_run(model, size, args.chunk, head_s,
                                                                   REAL_LAYERS))
-    out["ceiling"] = ceiling(out["machine"], decode[0] if decode else None, cfg, args)
+    out["host_format"] = model.opts.host_format
+    out["ceiling"] = ceiling(out["machine"], decode[0] if decode else None, cfg, args,
+                             model.opts.host_format)
     if args.baseline == "hf":
         from engine.bench.baseline import hf_decode
 
@@ -154,7 +155,7 @@ def run(args: argparse.Namespace) -> dict:
     return out
 
 
-def ceiling(mach: dict, row: dict | None, cfg, args: argparse.Namespace) -> dict:
+def ceiling(mach: dict, row: dict | None, cfg, args: argparse.Namespace, host_format: str) -> dict:
     """The prior-art decode ceiling for the measured hit rate and bandwidths."""
     from engine.experts.ceiling import decode_ceilings, resident_time
 
@@ -163,7 +164,7 @@ def ceiling(mach: dict, row: dict | None, cfg, args: argparse.Namespace) -> dict
         return {"note": "needs a CUDA GPU (PCIe and HBM bandwidths)"}
     expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size
     uses = REAL_LAYERS * cfg.num_experts_per_tok
-    cpu = 0.0 if args.no_cpu_misses else mach["cpu_expert_bytes_per_s"][args.host_format]
+    cpu = 0.0 if args.no_cpu_misses else mach["cpu_expert_bytes_per_s"][host_format]
     resident_s = resident_time(row["hit_rate"], hbm, uses_per_token=uses, expert_bytes=expert_bytes)
     c = decode_ceilings(row["hit_rate"], pcie, cpu, resident_s, uses, expert_bytes)
     path = c.pcie_only if args.no_cpu_misses else c.hybrid

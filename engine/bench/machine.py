@@ -85,7 +85,7 @@ def cpu_expert_bandwidth(hidden: int, width: int, dtype: torch.dtype, fmt: str =
     return (gate_up.numel() + down.numel()) / _timed(run, repeats=3)
 
 
-def describe(hidden: int, width: int, dtype: torch.dtype, host_format: str = "fp8") -> dict:
+def describe(hidden: int, width: int, dtype: torch.dtype) -> dict:
     info: dict = {"cpu": cpu_name(), "cpu_threads": torch.get_num_threads(),
                   "cpu_cores": os.cpu_count(), "torch": torch.__version__}
     if torch.cuda.is_available():

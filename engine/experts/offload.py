@@ -36,7 +36,7 @@ class LayerSlots:
         self.gate_up = torch.empty((num_slots, *shape_gu), dtype=host.gate_up.dtype, device=device)
         self.down = torch.empty((num_slots, *shape_d), dtype=host.down.dtype, device=device)
         self.expert_of_slot = [-1] * num_slots
-        self.use_kernel = host.gate_up.dtype == torch.float8_e4m3fn and \
+        self.use_kernel = host.gate_up.dtype in (torch.float8_e4m3fn, torch.int8) and \
             fp8_kernel.kernel_usable(device, shape_gu[1], shape_d[1])
 
     def fill(self, slot: int, expert: int) -> int:

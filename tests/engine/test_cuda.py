@@ -86,8 +86,15 @@ def test_fp8_kernel_matches_the_eager_path():
     gu = (torch.randn(256, 256, generator=gen) * 20).to(torch.float8_e4m3fn).cuda()
     dn = (torch.randn(256, 128, generator=gen) * 20).to(torch.float8_e4m3fn).cuda()
     s1, s2 = torch.tensor(0.003), torch.tensor(0.004)
-    for tokens in (1, 4, 16):
-        x = torch.randn(tokens, 256, generator=gen).cuda().to(torch.bfloat16)
-        ours = fp8_kernel.fp8_expert_forward(x, gu, s1, dn, s2)
-        ref = expert_forward(x, *dequant_expert(gu, s1, dn, s2, torch.bfloat16))
-        assert_close(f"fp8 kernel t={tokens}", ours, ref, 0.02 * float(ref.abs().max()))
+    from engine.experts.store import requantize_int8
+
+    gu_q, gu_rows = requantize_int8(gu.cpu()[None], s1[None])
+    dn_q, dn_rows = requantize_int8(dn.cpu()[None], s2[None])
+    formats = {"fp8": (gu, s1, dn, s2),
+               "int8": (gu_q[0].cuda(), gu_rows[0], dn_q[0].cuda(), dn_rows[0])}
+    for name, (w1, w1_s, w2, w2_s) in formats.items():
+        for tokens in (1, 4, 16):
+            x = torch.randn(tokens, 256, generator=gen).cuda().to(torch.bfloat16)
+            ours = fp8_kernel.fp8_expert_forward(x, w1, w1_s, w2, w2_s)
+            ref = expert_forward(x, *dequant_expert(w1, w1_s, w2, w2_s, torch.bfloat16))
+            assert_close(f"{name} kernel t={tokens}", ours, ref, 0.02 * float(ref.abs().max()))
