@@ -41,9 +41,12 @@ class Worker:
             ) from exc
         except RuntimeError as exc:
             if "out of memory" in str(exc).lower():
+                if isinstance(request, api.LoadModel):
+                    self.close()  # free what the failed load took before proposing
+                    _free_gpu_memory()
                 raise OutOfMemoryError(
-                    "The GPU ran out of memory. Lower the GPU budget or the context length in the "
-                    "model panel, then load again."
+                    "The GPU ran out of memory. " + _smaller_plan_hint() + " Your conversations "
+                    "are safe; load again with the smaller setting."
                 ) from exc
             raise
 
@@ -166,6 +169,18 @@ def _device_summary(model) -> str:
     mode = "all experts resident" if model.opts.expert_cache_slots is None else (
         f"{model.opts.expert_cache_slots} expert slots per layer, the rest offloaded")
     return f"{', '.join(devices)}; {mode}; loaded in {model.load_seconds:.1f} s"
+
+
+def _smaller_plan_hint() -> str:
+    """A concrete smaller setting: the budget each GPU can give now, with a safety margin."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "Shorten the context length or close other programs."
+    free = min(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
+    budget_gib = max(1, int(free / 2**30) - 2)
+    return (f"Set the VRAM budget per GPU to {budget_gib} GiB or less (other programs are using "
+            "the rest), or shorten the context length.")
 
 
 def _free_gpu_memory() -> None:

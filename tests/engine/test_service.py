@@ -153,3 +153,17 @@ def test_answer_about_a_document_ends_with_a_citation_check(service, tiny_checkp
     svc.submit(api.ReadPage("p", doc, 1))
     page = next(e for e in sink.until_finished("p") if isinstance(e, api.PageText))
     assert "4 May" in page.text
+
+
+def test_out_of_memory_is_a_clear_error_with_a_smaller_setting(service, tiny_checkpoint, monkeypatch):
+    import engine.runtime
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(engine.runtime.LoadedModel, "__init__", boom)
+    svc, sink = service
+    events = _load(svc, sink, tiny_checkpoint)
+    failed = next(e for e in events if isinstance(e, api.Failed))
+    assert failed.kind == "OutOfMemoryError" and "ran out of memory" in failed.user_message
+    assert "context length" in failed.user_message and events[-1].reason == "error"
