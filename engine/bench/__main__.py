@@ -17,7 +17,13 @@ from pathlib import Path
 import torch
 
 from engine.bench import machine
-from engine.bench.measure import TraceRouting, decode_run, head_seconds, prefill_run
+from engine.bench.measure import (
+    TraceRouting,
+    decode_run,
+    followup_run,
+    head_seconds,
+    prefill_run,
+)
 from engine.errors import QuireError
 
 REAL_LAYERS = 36
@@ -39,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", default="0,32768", help="decode KV depths, comma-separated")
     p.add_argument("--prefill", default="4096,32768", help="prefill sizes, comma-separated")
     p.add_argument("--chunk", type=int, default=8192, help="prefill chunk tokens")
+    p.add_argument("--followup", default="", help="document sizes for the cached-prefix follow-up test")
+    p.add_argument("--question-tokens", type=int, default=30)
     p.add_argument("--tokens", type=int, default=32, help="decode tokens measured per depth")
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--host-format", choices=("auto", "fp8", "int8"), default="auto")
@@ -138,6 +146,9 @@ def run(args: argparse.Namespace) -> dict:
     for size in _ints(args.prefill):
         out["results"].append({"test": f"pp{size}"} | prefill_run(model, size, args.chunk, head_s,
                                                                   REAL_LAYERS))
+    for depth in _ints(args.followup):
+        out["results"].append(followup_run(model, depth, args.question_tokens, args.chunk,
+                                           args.work_dir / "snapshots"))
     out["host_format"] = model.opts.host_format
     out["ceiling"] = ceiling(out["machine"], decode[0] if decode else None, cfg, args,
                              model.opts.host_format)

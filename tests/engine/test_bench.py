@@ -14,15 +14,19 @@ def test_bench_json_on_cpu(tiny_checkpoint, tmp_path):
         [sys.executable, "-m", "engine.bench", "--model", str(tiny_checkpoint), "--device", "cpu",
          "--depth", "0,128", "--prefill", "96", "--chunk", "64", "--tokens", "6", "--warmup", "2",
          "--routing", "synthetic", "--expert-cache-slots", "3", "--baseline", "hf",
-         "--baseline-tokens", "2", "--out", str(out)],
+         "--baseline-tokens", "2", "--followup", "200", "--question-tokens", "8",
+         "--work-dir", str(tmp_path), "--out", str(out)],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert json.loads(proc.stdout) == result
     tests = [r["test"] for r in result["results"]]
-    assert tests == ["tg6 @ d0", "tg6 @ d128", "pp96"]
-    for row in result["results"]:
+    assert tests == ["tg6 @ d0", "tg6 @ d128", "pp96", "followup8 @ d200"]
+    for row in result["results"][:3]:
         assert row["avg_ts"] > 0 and "stddev_ts" in row
+    followup = result["results"][3]
+    assert followup["ttft_cached_s"] < followup["ttft_full_reprefill_s"]
+    assert followup["snapshot_bytes"] > 0 and followup["snapshot_restore_s"] > 0
     decode = result["results"][0]
     assert 0.0 <= decode["hit_rate"] <= 1.0
     assert 0.0 <= decode["hit_rate"] <= decode["belady_bypass_hit_rate"] + 0.35
