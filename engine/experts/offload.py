@@ -36,6 +36,10 @@ class LayerSlots:
         self.gate_up = torch.empty((num_slots, *shape_gu), dtype=host.gate_up.dtype, device=device)
         self.down = torch.empty((num_slots, *shape_d), dtype=host.down.dtype, device=device)
         self.expert_of_slot = [-1] * num_slots
+        # Scales live beside the slots: reading one from host memory per use would be a
+        # blocking copy for every expert of every layer.
+        self.gate_up_scale = host.gate_up_scale.to(device)
+        self.down_scale = host.down_scale.to(device)
         self.use_kernel = host.gate_up.dtype in (torch.float8_e4m3fn, torch.int8) and \
             fp8_kernel.kernel_usable(device, shape_gu[1], shape_d[1])
 
@@ -53,7 +57,7 @@ class LayerSlots:
         local = slot - self.first_slot
         if self.use_kernel and dtype == torch.bfloat16:
             gu, dn = self.gate_up[local], self.down[local]
-            gu_s, dn_s = self.host.gate_up_scale[expert], self.host.down_scale[expert]
+            gu_s, dn_s = self.gate_up_scale[expert], self.down_scale[expert]
 
             def compute(xs: torch.Tensor) -> torch.Tensor:
                 if xs.shape[0] <= fp8_kernel.MAX_TOKENS:
@@ -61,14 +65,13 @@ class LayerSlots:
                 return expert_forward(xs, *dequant_expert(gu, gu_s, dn, dn_s, dtype))
 
             return compute
-        return dequant_expert(self.gate_up[local], self.host.gate_up_scale[expert],
-                              self.down[local], self.host.down_scale[expert], dtype)
+        return self.materialize(slot, expert, dtype)
 
     def materialize(self, slot: int, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The expert's weights copied out of its slot (before the slot is refilled)."""
         local = slot - self.first_slot
-        return dequant_expert(self.gate_up[local], self.host.gate_up_scale[expert],
-                              self.down[local], self.host.down_scale[expert], dtype)
+        return dequant_expert(self.gate_up[local], self.gate_up_scale[expert],
+                              self.down[local], self.down_scale[expert], dtype)
 
 
 class OffloadedExperts:
@@ -99,14 +102,15 @@ class OffloadedExperts:
     # ------------------------------------------------------------------ expert backend
     def forward(self, layer: int, x: torch.Tensor, top_idx: torch.Tensor,
                 top_weights: torch.Tensor) -> torch.Tensor:
+        top_idx = top_idx.cpu()  # the one wait on the GPU this layer: routing is host work
         if self.routing_log is not None:
-            self.routing_log.append(top_idx.detach().cpu())
+            self.routing_log.append(top_idx)
         if x.shape[0] >= STREAM_MIN_TOKENS:
             return self._streamed(layer, x, top_idx, top_weights)
         slots = self.layers[layer]
         plan: dict[int, object] = {}
         misses = []
-        for expert in torch.unique(top_idx).tolist():
+        for expert in sorted(set(top_idx.flatten().tolist())):
             slot = self.policy.lookup((layer, expert))
             if slot is None:
                 misses.append(expert)
@@ -140,8 +144,8 @@ class OffloadedExperts:
 
     def _submit_cpu(self, layer: int, expert: int, x: torch.Tensor, top_idx: torch.Tensor) -> Future:
         """Compute one expert for the tokens that chose it, on the CPU, from the host store."""
-        token_idx = torch.where((top_idx == expert).any(dim=-1))[0]
-        xs = x[token_idx].to("cpu")
+        token_idx = torch.where((top_idx == expert).any(dim=-1))[0]  # top_idx is on the host
+        xs = x[token_idx.to(x.device)].to("cpu")
         host = self.store.layers[layer]
         self.bytes_cpu += host.expert_bytes()
         self.num_cpu_experts += 1
@@ -155,9 +159,10 @@ class OffloadedExperts:
     def _staged(self, layer: int, expert: int, device: torch.device):
         host = self.store.layers[layer]
         self.bytes_copied += host.expert_bytes()
+        slots = self.layers[layer]
         return dequant_expert(host.gate_up[expert].to(device, non_blocking=True),
-                              host.gate_up_scale[expert], host.down[expert].to(device, non_blocking=True),
-                              host.down_scale[expert], self.dtype)
+                              slots.gate_up_scale[expert], host.down[expert].to(device, non_blocking=True),
+                              slots.down_scale[expert], self.dtype)
 
     def _streamed(self, layer: int, x: torch.Tensor, top_idx: torch.Tensor,
                   top_weights: torch.Tensor) -> torch.Tensor:

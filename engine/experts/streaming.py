@@ -55,9 +55,9 @@ class ExpertStreamer:
         g, i = self.where[expert]
         if g != self._current_group:
             self._enter_group(g)
-        b = self.buffers
-        return dequant_expert(b.gate_up[g % 2, i], host.gate_up_scale[expert], b.down[g % 2, i],
-                              host.down_scale[expert], self.dtype)
+        b, slots = self.buffers, self.slots
+        return dequant_expert(b.gate_up[g % 2, i], slots.gate_up_scale[expert], b.down[g % 2, i],
+                              slots.down_scale[expert], self.dtype)
 
     def _enter_group(self, g: int) -> None:
         b = self.buffers

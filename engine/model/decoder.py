@@ -99,13 +99,16 @@ class DecoderModel:
         Returns logits [1, V] for the last token (`logits_for="last"`) or [T, V] ("all").
         """
         num_tokens = embeds.shape[0]
-        positions = torch.arange(cache.offset, cache.offset + num_tokens)
+        positions: dict[torch.device, torch.Tensor] = {}  # made once per device, not per layer
         h = embeds
         for i, layer in enumerate(self.layers):
             if should_stop is not None and should_stop():
                 raise InterruptedError
             h = h.to(layer.device)
-            pos = positions.to(layer.device)
+            pos = positions.get(layer.device)
+            if pos is None:
+                pos = torch.arange(cache.offset, cache.offset + num_tokens, device=layer.device)
+                positions[layer.device] = pos
             x = rms_norm(h, layer.input_layernorm, self.cfg.rms_norm_eps)
             h = h + mla_attention(self.cfg, layer.attn, x, pos, self.ropes[layer.device], cache, i, absorb)
             x = rms_norm(h, layer.post_attention_layernorm, self.cfg.rms_norm_eps)

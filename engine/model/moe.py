@@ -77,25 +77,57 @@ def run_experts(x: torch.Tensor, top_idx: torch.Tensor, top_weights: torch.Tenso
     `expert_weights(e)` returns (gate_up [2I, H], down [H, I]) for expert e on x's device, a
     callable computing the expert's [t, H] output, or a Deferred output. Deferred outputs are
     collected last, so GPU work is queued while a CPU thread computes them; the sum keeps id
-    order, so results do not depend on where an expert ran.
+    order, so results do not depend on where an expert ran. The routing (a few ids per token)
+    is read to the host once, so the loop itself never waits on the GPU.
     """
-    outputs: dict[int, tuple[torch.Tensor, object]] = {}
-    for e in torch.unique(top_idx).tolist():
-        token_idx, slot = torch.where(top_idx == e)
+    routes = _routes(top_idx, x.device)
+    outputs: dict[int, object] = {}
+    for e, (token_idx, slot) in routes.items():
         source = expert_weights(e)
         if isinstance(source, Deferred):
-            outputs[e] = (token_idx, source)
+            outputs[e] = source
             continue
-        ys = source(x[token_idx]) if callable(source) else expert_mlp(x[token_idx], *source)
-        outputs[e] = (token_idx, ys * top_weights[token_idx, slot, None])
+        xs = x if token_idx is None else x[token_idx]
+        ys = source(xs) if callable(source) else expert_mlp(xs, *source)
+        outputs[e] = ys * _weights(top_weights, token_idx, slot)
     out = torch.zeros_like(x)
     for e in sorted(outputs):
-        token_idx, ys = outputs[e]
+        token_idx, slot = routes[e]
+        ys = outputs[e]
         if isinstance(ys, Deferred):
-            slot = torch.where(top_idx == e)[1]
-            ys = ys.result().to(x.device) * top_weights[token_idx, slot, None]
-        out.index_add_(0, token_idx, ys.to(out.dtype))
+            ys = ys.result().to(x.device) * _weights(top_weights, token_idx, slot)
+        if token_idx is None:
+            out += ys.to(out.dtype)
+        else:
+            out.index_add_(0, token_idx, ys.to(out.dtype))
     return out
+
+
+def _routes(top_idx: torch.Tensor, device: torch.device
+            ) -> dict[int, tuple[torch.Tensor | None, torch.Tensor | int]]:
+    """expert -> (token indices, or None for the single decode token; slot(s) of the choice).
+
+    Decode uses plain ints, so no index tensor is copied to the GPU (a blocking transfer).
+    """
+    ids = top_idx.tolist()  # [T][K] on the host: one transfer per layer (none if already there)
+    if len(ids) == 1:
+        return {e: (None, k) for k, e in sorted(enumerate(ids[0]), key=lambda ke: ke[1])}
+    found: dict[int, tuple[list[int], list[int]]] = {}
+    for t, row in enumerate(ids):
+        for k, e in enumerate(row):
+            tokens, slots = found.setdefault(e, ([], []))
+            tokens.append(t)
+            slots.append(k)
+    return {e: (torch.tensor(found[e][0], device=device), torch.tensor(found[e][1], device=device))
+            for e in sorted(found)}
+
+
+def _weights(top_weights: torch.Tensor, token_idx: torch.Tensor | None, slot):
+    if token_idx is not None and isinstance(slot, torch.Tensor):
+        slot = slot.to(top_weights.device)
+    if token_idx is None:
+        return top_weights[0:1, slot : slot + 1]  # [1, 1]
+    return top_weights[token_idx, slot, None]  # [t, 1]
 
 
 def expert_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
