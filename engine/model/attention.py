@@ -16,6 +16,24 @@ from engine.model.config import ModelConfig
 from engine.model.layers import rms_norm
 from engine.model.rope import Rope, apply_interleaved
 
+
+@dataclass
+class PositionTables:
+    """What every layer on one device shares for a forward: rope tables, query scale, mask."""
+
+    cos: torch.Tensor  # [T, R/2]
+    sin: torch.Tensor  # [T, R/2]
+    q_scale: torch.Tensor  # [T, 1, 1]
+    mask: torch.Tensor  # [T, S] True where a query may attend
+
+    @classmethod
+    def build(cls, rope: Rope, offset: int, num_tokens: int, dtype: torch.dtype,
+              device: torch.device) -> PositionTables:
+        positions = torch.arange(offset, offset + num_tokens, device=device)
+        cos, sin = rope.cos_sin(positions, dtype)
+        q_scale = rope.query_scale(positions, dtype)[:, None, None]
+        return cls(cos, sin, q_scale, _causal_mask(positions, offset + num_tokens, offset))
+
 # At or below this many new tokens, the absorbed form is cheaper (no re-expansion of the cache).
 ABSORB_MAX_TOKENS = 16
 # Long prefill: queries attend in blocks of this many, so the [T, S] mask and any
@@ -34,10 +52,9 @@ class AttentionWeights:
     o_proj: torch.Tensor  # [H, N*V]
 
 
-def mla_attention(cfg: ModelConfig, w: AttentionWeights, x: torch.Tensor, positions: torch.Tensor,
-                  rope: Rope, cache: LatentKVCache, layer: int, absorb: bool | None = None
-                  ) -> torch.Tensor:
-    """x: [T, H] normed hidden states at `positions` [T]; returns [T, H]."""
+def mla_attention(cfg: ModelConfig, w: AttentionWeights, x: torch.Tensor, tables: PositionTables,
+                  cache: LatentKVCache, layer: int, absorb: bool | None = None) -> torch.Tensor:
+    """x: [T, H] normed hidden states of the T tokens after the cache's; returns [T, H]."""
     n, d, r, c = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
     num_tokens = x.shape[0]
     q = F.linear(rms_norm(F.linear(x, w.q_a_proj), w.q_a_layernorm, cfg.rms_norm_eps), w.q_b_proj)
@@ -45,13 +62,11 @@ def mla_attention(cfg: ModelConfig, w: AttentionWeights, x: torch.Tensor, positi
     q_nope, q_pe = q[..., :d], q[..., d:]
     compressed = F.linear(x, w.kv_a_proj_with_mqa)  # [T, C+R]
     kv_latent = rms_norm(compressed[:, :c], w.kv_a_layernorm, cfg.rms_norm_eps)  # [T, C]
-    cos, sin = rope.cos_sin(positions, x.dtype)
-    q_pe = apply_interleaved(q_pe, cos, sin)  # [T, N, R]
-    k_pe = apply_interleaved(compressed[:, c:], cos, sin)  # [T, R]
+    q_pe = apply_interleaved(q_pe, tables.cos, tables.sin)  # [T, N, R]
+    k_pe = apply_interleaved(compressed[:, c:], tables.cos, tables.sin)  # [T, R]
     latent_all, k_pe_all = cache.update_and_fetch(layer, kv_latent, k_pe)  # [S, C], [S, R]
-    q_scale = rope.query_scale(positions, x.dtype)[:, None, None]  # [T, 1, 1]
-    q_nope, q_pe = q_nope * q_scale, q_pe * q_scale
-    mask = _causal_mask(positions, latent_all.shape[0], cache.offset)  # [T, S]
+    q_nope, q_pe = q_nope * tables.q_scale, q_pe * tables.q_scale
+    mask = tables.mask  # [T, S]
     use_absorbed = num_tokens <= ABSORB_MAX_TOKENS if absorb is None else absorb
     if use_absorbed:
         out = _absorbed(cfg, w, q_nope, q_pe, latent_all, k_pe_all, mask)

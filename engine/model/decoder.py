@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from engine.checkpoint import Checkpoint
 from engine.kv.cache import LatentKVCache
-from engine.model.attention import AttentionWeights, mla_attention
+from engine.model.attention import AttentionWeights, PositionTables, mla_attention
 from engine.model.layers import rms_norm
 from engine.model.moe import ExpertBackend, MoEWeights, moe_block
 from engine.model.names import TEXT, attention_linears, layer_prefix
@@ -99,18 +99,17 @@ class DecoderModel:
         Returns logits [1, V] for the last token (`logits_for="last"`) or [T, V] ("all").
         """
         num_tokens = embeds.shape[0]
-        positions: dict[torch.device, torch.Tensor] = {}  # made once per device, not per layer
+        tables: dict[torch.device, PositionTables] = {}  # made once per device, not per layer
         h = embeds
         for i, layer in enumerate(self.layers):
             if should_stop is not None and should_stop():
                 raise InterruptedError
             h = h.to(layer.device)
-            pos = positions.get(layer.device)
-            if pos is None:
-                pos = torch.arange(cache.offset, cache.offset + num_tokens, device=layer.device)
-                positions[layer.device] = pos
+            if layer.device not in tables:
+                tables[layer.device] = PositionTables.build(
+                    self.ropes[layer.device], cache.offset, num_tokens, h.dtype, layer.device)
             x = rms_norm(h, layer.input_layernorm, self.cfg.rms_norm_eps)
-            h = h + mla_attention(self.cfg, layer.attn, x, pos, self.ropes[layer.device], cache, i, absorb)
+            h = h + mla_attention(self.cfg, layer.attn, x, tables[layer.device], cache, i, absorb)
             x = rms_norm(h, layer.post_attention_layernorm, self.cfg.rms_norm_eps)
             h = h + moe_block(self.cfg, layer.moe, x, i, self.experts)
         cache.commit(num_tokens)
