@@ -65,8 +65,15 @@ class LoadedModel:
         self.opts = opts
         self.dtype = getattr(torch, opts.dtype)
         self.layer_devices = resolve_devices(opts, self.config.num_hidden_layers)
-        self.experts = self._make_experts()
-        self.decoder = DecoderModel(self.ckpt, self.dtype, self.layer_devices, self.experts, progress)
+        # Progress in two halves: the routed experts (most of the bytes), then the dense layers.
+        def half(offset: int):
+            return None if progress is None else (lambda done, num: progress(offset + done, 2 * num))
+
+        self.experts = self._make_experts(half(0))
+        if progress is not None and self.opts.expert_cache_slots is None:
+            progress(self.config.num_hidden_layers, 2 * self.config.num_hidden_layers)
+        self.decoder = DecoderModel(self.ckpt, self.dtype, self.layer_devices, self.experts,
+                                    half(self.config.num_hidden_layers))
         self._formatter: ChatFormatter | None = None
         self.context_length = min(opts.context_length, self.config.max_position_embeddings)
         self._vision = None
@@ -80,7 +87,7 @@ class LoadedModel:
         self._saved_digest: dict[str, str] = {}
         self.load_seconds = time.perf_counter() - t0
 
-    def _make_experts(self):
+    def _make_experts(self, progress: ProgressFn | None):
         if self.opts.expert_cache_slots is None:
             from engine.experts.resident import ResidentExperts
 
@@ -89,7 +96,8 @@ class LoadedModel:
 
         experts = OffloadedExperts(self.ckpt, self.dtype, self.layer_devices,
                                    slots_per_layer=self.opts.expert_cache_slots,
-                                   host_mode=self.opts.host_mode, host_format=self.opts.host_format)
+                                   host_mode=self.opts.host_mode, host_format=self.opts.host_format,
+                                   progress=progress)
         if self.layer_devices[0].type == "cuda":
             from engine.experts.profile import load_or_measure
 
