@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 from PySide6.QtCore import Qt
@@ -11,7 +12,17 @@ from PySide6.QtWidgets import QApplication
 
 log = logging.getLogger(__name__)
 
-RESOURCES = Path(__file__).resolve().parent.parent / "resources"
+
+def _resources_dir() -> Path:
+    """resources/ beside app/ in a checkout; share/quire/resources in an installed wheel."""
+    for candidate in (Path(__file__).resolve().parent.parent / "resources",
+                      Path(sys.prefix) / "share" / "quire" / "resources"):
+        if candidate.is_dir():
+            return candidate
+    return Path(__file__).resolve().parent.parent / "resources"
+
+
+RESOURCES = _resources_dir()
 
 _DARK = {
     QPalette.ColorRole.Window: "#1f2124",
