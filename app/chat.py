@@ -9,6 +9,7 @@ from typing import Any
 
 from PySide6.QtCore import QObject, QTimer, Signal, Slot
 
+from app.citations import Citation
 from app.engine_client import EngineClient
 from app.errors import AppError, describe_failure
 from app.settings import Settings
@@ -49,6 +50,7 @@ class ChatController(QObject):
         client.failed.connect(self.on_client_failed)
         client.finished.connect(self.on_client_finished)
         client.token_count.connect(self.on_client_token_count)
+        client.citations_checked.connect(self.on_client_citations_checked)
 
     # ------------------------------------------------------------------ conversations
     def new_conversation(self) -> None:
@@ -71,6 +73,7 @@ class ChatController(QObject):
                 m.stats,
                 m.error,
                 m.id,
+                m.citations,
             )
             for m in self.store.messages(conversation_id)
         ]
@@ -240,6 +243,7 @@ class ChatController(QObject):
                 status=turn.status,
                 stats=turn.stats,
                 error=turn.error,
+                citations=turn.citations,
             )
         )
 
@@ -257,6 +261,13 @@ class ChatController(QObject):
             "seconds": time.monotonic() - self._started_at,
         }
         self.metrics.set_stats(stats)
+
+    @Slot(str, object)
+    def on_client_citations_checked(self, request_id: str, citations: list[Citation]) -> None:
+        turn = self._current(request_id)
+        if turn is not None:
+            turn.citations = list(citations)
+            self.state.turn_changed.emit(len(self.state.turns) - 1)
 
     @Slot(str, str, str)
     def on_client_failed(self, request_id: str, kind: str, user_message: str) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from PySide6.QtCore import QObject, Signal
 
+from app.citations import Citation
 from app.errors import describe_failure
 from app.state import ModelStatus, Turn
 from engine import api
@@ -55,6 +56,8 @@ class EngineClient(QObject):
     stats_received = Signal(str, object)
     token_count = Signal(str, object)
     document_read = Signal(str, object)
+    citations_checked = Signal(str, object)  # request_id, list[Citation]
+    page_text = Signal(str, object)  # request_id, PageText (path, page, label, text)
     failed = Signal(str, str, str)  # request_id, kind, user_message
     finished = Signal(str, str)  # request_id, reason
 
@@ -154,6 +157,10 @@ class EngineClient(QObject):
     def read_document(self, path: Path) -> str:
         return self._submit(lambda rid: api.ReadDocument(rid, path))
 
+    def read_page(self, path: Path, page: int) -> str:
+        """Ask for one page's text; answered by `page_text` (or `failed`), then `finished`."""
+        return self._submit(lambda rid: api.ReadPage(rid, path, page))
+
     def cancel(self, target_id: str) -> None:
         if self._engine is not None:
             self._submit(lambda rid: api.Cancel(rid, target_id))
@@ -227,6 +234,10 @@ class EngineClient(QObject):
             self.token_count.emit(rid, event)
         elif isinstance(event, api.DocumentRead):
             self.document_read.emit(rid, event)
+        elif isinstance(event, api.CitationsChecked):
+            self.citations_checked.emit(rid, [to_citation(c) for c in event.citations])
+        elif isinstance(event, api.PageText):
+            self.page_text.emit(rid, event)
         elif isinstance(event, api.Failed):
             if event.details:
                 log.error("engine bug (%s): %s", rid, event.details)
@@ -263,6 +274,29 @@ def to_messages(turns: Sequence[Turn]) -> tuple[api.ChatMessage, ...]:
     result = []
     for turn in turns:
         images = tuple(a.path for a in turn.attachments if a.kind == "image")
-        documents = tuple(a.path for a in turn.attachments if a.kind == "document")
-        result.append(api.ChatMessage(turn.role, turn.content, images, documents, turn.reasoning))
+        docs = [a for a in turn.attachments if a.kind == "document"]
+        pages = tuple(a.pages for a in docs) if any(a.pages for a in docs) else ()
+        result.append(
+            api.ChatMessage(
+                turn.role,
+                turn.content,
+                images,
+                tuple(a.path for a in docs),
+                turn.reasoning,
+                document_pages=pages,
+            )
+        )
     return tuple(result)
+
+
+def to_citation(check: api.CitationCheck) -> Citation:
+    return Citation(
+        check.text,
+        check.document,
+        check.page,
+        check.quote,
+        check.verified,
+        check.status,
+        check.span_start,
+        check.span_end,
+    )

@@ -28,9 +28,12 @@ from PySide6.QtWidgets import (
 )
 
 from app.attachments import AttachmentController
+from app.budget import BudgetController
 from app.chat import ChatController
+from app.document_dialogs import DocumentDialogs
 from app.engine_client import EngineClient, EngineFactory, real_engine
 from app.errors import AppError
+from app.pages import PageController
 from app.privacy import NetworkGuard
 from app.settings import Settings, SettingsFile, atomic_write_text
 from app.state import AttachmentList, ConversationState, Metrics, ModelStatus
@@ -87,6 +90,13 @@ class MainWindow(QMainWindow):
             self,
         )
         self.attacher = AttachmentController(self.client, self.attachments, self)
+        self.budget = BudgetController(
+            self.client, self.conversation, self.metrics, lambda: self.settings, self
+        )
+        self.pages = PageController(self.client, self)
+        self.dialogs = DocumentDialogs(
+            self, self.pages, self.budget, self.attachments, self._send_draft
+        )
         self._build_widgets()
         self._build_actions()
         self._wire()
@@ -179,6 +189,8 @@ class MainWindow(QMainWindow):
         )
         self.chat_view.regenerate_requested.connect(chat.regenerate)
         self.chat_view.edit_requested.connect(self.on_chat_view_edit_requested)
+        self.chat_view.citation_requested.connect(self.dialogs.open_citation)
+        self.dialogs.message.connect(composer.show_message)
         self.banner.choose_requested.connect(self.on_banner_choose_requested)
         self.banner.demo_requested.connect(self.load_demo)
         panel.plan_requested.connect(self.on_model_panel_plan_requested)
@@ -297,6 +309,12 @@ class MainWindow(QMainWindow):
 
     @Slot(str)
     def on_composer_send_requested(self, text: str) -> None:
+        index = self.composer.editing_index
+        if index < 0 and self.dialogs.intercept_send(text):
+            return  # too long: the budget dialog sends once the user has narrowed it
+        self._send_draft(text)
+
+    def _send_draft(self, text: str) -> None:
         index = self.composer.editing_index
         sent = self.chat.edit_and_resend(index, text) if index >= 0 else self.chat.send(text)
         if sent:

@@ -8,6 +8,8 @@ from typing import Any
 
 from PySide6.QtCore import QObject, Signal
 
+from app.citations import Citation
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
 DOCUMENT_SUFFIXES = (".pdf", ".docx", ".txt", ".md", ".markdown", ".html", ".htm", ".csv")
 
@@ -34,6 +36,7 @@ class Attachment:
     note: str = ""
     error: str = ""
     is_read: bool = False
+    pages: str = ""  # which pages go to the model, e.g. "1-40"; "" = all
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -42,6 +45,8 @@ class Attachment:
             "num_bytes": self.num_bytes,
             "num_pages": self.num_pages,
             "num_tokens": self.num_tokens,
+            "note": self.note,
+            "pages": self.pages,
         }
 
     @classmethod
@@ -52,7 +57,9 @@ class Attachment:
             int(data.get("num_bytes", 0)),
             int(data.get("num_pages", 0)),
             int(data.get("num_tokens", 0)),
+            note=str(data.get("note", "")),
             is_read=True,
+            pages=str(data.get("pages", "")),
         )
 
 
@@ -69,6 +76,7 @@ class Turn:
     stats: dict[str, float] = field(default_factory=dict)
     error: str = ""
     message_id: int = 0
+    citations: list[Citation] = field(default_factory=list)
 
     @property
     def is_streaming(self) -> bool:

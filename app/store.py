@@ -9,9 +9,10 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.citations import Citation, citations_markdown
 from app.errors import StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -38,6 +39,12 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, id);
 """
 
+# Each entry takes the database from version i + 1 to i + 2 (entry 0: 1 -> 2).
+_MIGRATIONS = (
+    # 2: an answer's checked page citations, as a JSON list of Citation.to_dict()
+    "ALTER TABLE messages ADD COLUMN citations TEXT NOT NULL DEFAULT '[]'",
+)
+
 
 @dataclass
 class ConversationRow:
@@ -58,6 +65,7 @@ class MessageRow:
     status: str = "done"
     stats: dict[str, float] = field(default_factory=dict)
     error: str = ""
+    citations: list[Citation] = field(default_factory=list)
 
 
 class Store:
@@ -84,7 +92,13 @@ class Store:
             raise sqlite3.DatabaseError(f"database is from a newer Quire (version {version})")
         if version < 1:
             self._db.executescript(_SCHEMA)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            version = 1
+        for step in _MIGRATIONS[version - 1 :]:
+            self._db.execute("BEGIN")
+            self._db.execute(step)
+            version += 1
+            self._db.execute(f"PRAGMA user_version={version}")
+            self._db.execute("COMMIT")
         self._db.execute("DELETE FROM conversations WHERE deleted = 1")  # undo ends at restart
 
     def close(self) -> None:
@@ -173,11 +187,9 @@ class Store:
         return int(cursor.lastrowid or 0)
 
     def update_message(self, message_id: int, **values: object) -> None:
-        """Update content/reasoning/status/stats/error of one message."""
-        allowed = ("content", "reasoning", "status", "stats", "error")
-        sets = [
-            (k, json.dumps(v) if k == "stats" else v) for k, v in values.items() if k in allowed
-        ]
+        """Update content/reasoning/status/stats/error/citations of one message."""
+        allowed = ("content", "reasoning", "status", "stats", "error", "citations")
+        sets = [(k, _column_value(k, v)) for k, v in values.items() if k in allowed]
         if not sets:
             return
         sql = "UPDATE messages SET " + ", ".join(f"{k} = ?" for k, _ in sets) + " WHERE id = ?"
@@ -192,12 +204,23 @@ class Store:
 
     def messages(self, conversation_id: str) -> list[MessageRow]:
         rows = self._db.execute(
-            "SELECT id, role, content, reasoning, attachments, effort, status, stats, error"
-            " FROM messages WHERE conversation_id = ? ORDER BY id",
+            "SELECT id, role, content, reasoning, attachments, effort, status, stats, error,"
+            " citations FROM messages WHERE conversation_id = ? ORDER BY id",
             (conversation_id,),
         ).fetchall()
         return [
-            MessageRow(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], json.loads(r[7]), r[8])
+            MessageRow(
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                json.loads(r[4]),
+                r[5],
+                r[6],
+                json.loads(r[7]),
+                r[8],
+                [Citation.from_dict(c) for c in json.loads(r[9])],
+            )
             for r in rows
         ]
 
@@ -209,12 +232,22 @@ class Store:
             who = "You" if message.role == "user" else f"Quire (reasoning: {message.effort})"
             lines += [f"## {who}", ""]
             for item in message.attachments:
-                lines.append(f"- attached: {Path(str(item.get('path', ''))).name}")
+                pages = f" (pages {item['pages']})" if item.get("pages") else ""
+                lines.append(f"- attached: {Path(str(item.get('path', ''))).name}{pages}")
             if message.reasoning:
                 quoted = "\n".join("> " + line for line in message.reasoning.splitlines())
                 lines += ["> **Thinking**", ">", quoted, ""]
             lines += [message.content, ""]
+            lines += citations_markdown(message.citations)
         return "\n".join(lines).rstrip() + "\n"
+
+
+def _column_value(column: str, value: object) -> object:
+    if column == "stats":
+        return json.dumps(value)
+    if column == "citations":
+        return json.dumps([c.to_dict() for c in value])  # type: ignore[attr-defined]
+    return value
 
 
 def _escape_like(text: str) -> str:

@@ -6,12 +6,13 @@ from pathlib import Path
 
 from PySide6.QtCore import QSize, Qt, Signal, Slot
 from PySide6.QtGui import QImageReader, QPixmap
-from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QToolButton, QWidget
+from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QStyle, QToolButton, QWidget
 
 from app.state import Attachment, AttachmentList
 from app.widgets.message_view import format_bytes
 
 THUMBNAIL_PX = 36
+NOTE_ICON_PX = 16  # the info icon of a note (a scanned PDF: pages read as images, their cost)
 
 
 def chip_details(item: Attachment) -> str:
@@ -25,6 +26,8 @@ def chip_details(item: Attachment) -> str:
             parts.append(f"{item.num_pages} page{'s' if item.num_pages != 1 else ''}")
         if item.num_tokens:
             parts.append(f"{item.num_tokens:,} tokens")
+        if item.note and "scanned" in item.note.lower():
+            parts.append("scanned")
     return " · ".join(parts)
 
 
@@ -55,6 +58,14 @@ class AttachmentChip(QFrame):
         self.name_label = QLabel(f"<b>{item.path.name}</b><br>{chip_details(item)}", self)
         self.name_label.setToolTip(item.error or item.note or str(item.path))
         layout.addWidget(self.name_label)
+        self.note_icon = QLabel(self)
+        info = self.style().standardIcon(QStyle.StandardPixmap.SP_MessageBoxInformation)
+        self.note_icon.setPixmap(info.pixmap(NOTE_ICON_PX, NOTE_ICON_PX))
+        self.note_icon.setObjectName("chipNote")
+        self.note_icon.setToolTip(item.note)
+        self.note_icon.setAccessibleName(f"Note on {item.path.name}: {item.note}")
+        self.note_icon.setVisible(bool(item.note) and not item.error)
+        layout.addWidget(self.note_icon)
         self.remove_button = QToolButton(self)
         self.remove_button.setText("✕")
         self.remove_button.setAccessibleName(f"Remove {item.path.name}")

@@ -23,6 +23,7 @@ class ChatView(QScrollArea):
 
     regenerate_requested = Signal()
     edit_requested = Signal(int)
+    citation_requested = Signal(object)  # a Citation whose page to open
 
     def __init__(self, state: ConversationState, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -67,6 +68,7 @@ class ChatView(QScrollArea):
     def on_state_turn_added(self, index: int) -> None:
         view = MessageView(self.state.turns[index], self._container)
         view.regenerate_requested.connect(self.regenerate_requested)
+        view.citation_requested.connect(self.citation_requested)
         view.edit_requested.connect(lambda i=index: self.edit_requested.emit(i))
         self._layout.insertWidget(self._layout.count() - 1, view)
         self.views.append(view)

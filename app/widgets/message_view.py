@@ -15,6 +15,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.state import Turn
+from app.widgets.citation_chips import CitationChips
 from app.widgets.markdown_view import MarkdownView, code_blocks
 
 RENDER_INTERVAL_MS = 80  # re-render streamed markdown at most ~12 times a second
@@ -52,6 +53,7 @@ class MessageView(QFrame):
 
     regenerate_requested = Signal()
     edit_requested = Signal()
+    citation_requested = Signal(object)  # a Citation whose page to open
 
     def __init__(self, turn: Turn, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -75,6 +77,8 @@ class MessageView(QFrame):
         self.answer_view = MarkdownView(self)
         self.answer_view.setAccessibleName("Your message" if turn.role == "user" else "Answer")
         self.attachments_label = QLabel(self, wordWrap=True)
+        self.citation_chips = CitationChips(self)
+        self.citation_chips.open_requested.connect(self.citation_requested)
         self.note_label = QLabel(self, wordWrap=True)
         self.note_label.setObjectName("noteLabel")
         self.error_label = QLabel(self, wordWrap=True)
@@ -119,6 +123,7 @@ class MessageView(QFrame):
             self.thinking_button,
             self.reasoning_view,
             self.answer_view,
+            self.citation_chips,
             self.note_label,
             self.error_label,
         ):
@@ -160,7 +165,12 @@ class MessageView(QFrame):
         self._render_extras(turn)
 
     def _render_extras(self, turn: Turn) -> None:
-        names = [f"📎 {a.path.name} ({format_bytes(a.num_bytes)})" for a in turn.attachments]
+        names = [
+            f"📎 {a.path.name} ({format_bytes(a.num_bytes)}"
+            + (f", pages {a.pages})" if a.pages else ")")
+            for a in turn.attachments
+        ]
+        self.citation_chips.set_citations(turn.citations)
         self.attachments_label.setText("   ".join(names))
         self.attachments_label.setVisible(bool(names))
         note = _STATUS_NOTES.get(turn.status, "")

@@ -30,6 +30,11 @@ class Script:
     chunk: int = 4  # characters per delta
     failures: dict[str, tuple[str, str]] = field(default_factory=dict)
     context_length: int = 4096
+    citations: tuple[api.CitationCheck, ...] = ()  # sent before Finished when documents are asked
+    num_doc_pages: int = 1  # what ReadDocument says a document has
+    page_tokens: int = 0  # CountTokens: tokens per included document page
+    document_note: str = ""  # ReadDocument's note (e.g. a scanned PDF)
+    page_texts: dict[int, str] = field(default_factory=dict)  # ReadPage answers, by page
 
 
 class FakeEngine:
@@ -142,19 +147,21 @@ class FakeEngine:
         if req.reasoning_effort == "high":
             events += [api.ReasoningDelta(rid, c) for c in self._chunks(self.script.reasoning)]
         events += [api.AnswerDelta(rid, c) for c in self._chunks(self.script.answer)]
+        events.append(api.Stats(rid, 10, 0, 20, 0.12, 850.0, 23.5, 90, 10, 0.9))
+        if self.script.citations and any(m.documents for m in req.messages):
+            events.append(api.CitationsChecked(rid, self.script.citations))
         events += [
-            api.Stats(rid, 10, 0, 20, 0.12, 850.0, 23.5, 90, 10, 0.9),
             api.StateChanged(rid, "idle"),
             api.Finished(rid, "stop"),
         ]
         return events
 
     def _CountTokens(self, req: api.CountTokens) -> list[Any]:
-        parts = (
+        parts = tuple(self._document_parts(req.messages)) + (
             api.TokenCountPart("history", 40),
             api.TokenCountPart("answer reserve", req.max_tokens),
         )
-        total = 40 + req.max_tokens
+        total = sum(p.num_tokens for p in parts)
         return [
             api.TokenCount(
                 req.request_id,
@@ -166,12 +173,45 @@ class FakeEngine:
             api.Finished(req.request_id, "stop"),
         ]
 
+    def _document_parts(self, messages: tuple[api.ChatMessage, ...]) -> list[Any]:
+        """Each document costs page_tokens per included page ("1-10,12" -> 11 pages)."""
+        parts = []
+        for message in messages:
+            for index, path in enumerate(message.documents):
+                spec = message.document_pages[index] if message.document_pages else ""
+                num_pages = self.script.num_doc_pages
+                if spec:
+                    num_pages = sum(_range_size(r) for r in spec.split(","))
+                tokens = num_pages * self.script.page_tokens
+                parts.append(api.TokenCountPart(f"document {Path(path).name}", tokens))
+        return parts
+
     def _ReadDocument(self, req: api.ReadDocument) -> list[Any]:
         path = Path(req.path)
         kind = "image" if path.suffix.lower() in (".png", ".jpg", ".jpeg") else "text"
+        pages = 1 if kind == "image" else self.script.num_doc_pages
         return [
-            api.DocumentRead(req.request_id, path, kind, 1, 12, path.stat().st_size),
+            api.DocumentRead(
+                req.request_id,
+                path,
+                kind,
+                pages,
+                12,
+                path.stat().st_size,
+                self.script.document_note,
+            ),
             api.Finished(req.request_id, "stop"),
+        ]
+
+    def _ReadPage(self, req: api.ReadPage) -> list[Any]:
+        rid = req.request_id
+        if req.page not in self.script.page_texts:
+            message = f"{Path(req.path).name} has no page {req.page}."
+            return [api.Failed(rid, "InputError", message), api.Finished(rid, "error")]
+        text = self.script.page_texts[req.page]
+        return [
+            api.PageText(rid, req.path, req.page, f"p. {req.page}", text),
+            api.Finished(rid, "stop"),
         ]
 
     def _QueryResources(self, req: api.QueryResources) -> list[Any]:
@@ -179,6 +219,11 @@ class FakeEngine:
             api.ResourceUsage(req.request_id, (2 * 2**30,), (24 * 2**30,), 9 * 2**30, 64 * 2**30),
             api.Finished(req.request_id, "stop"),
         ]
+
+
+def _range_size(part: str) -> int:
+    low, _, high = part.strip().partition("-")
+    return int(high or low) - int(low) + 1
 
 
 def fake_factory(script: Script | None = None, created: list[FakeEngine] | None = None) -> Any:

@@ -55,3 +55,16 @@ def make_image(path: Path, width: int = 200, height: int = 120) -> Path:
     picture.fill(QColor("teal"))
     assert picture.save(str(path))
     return path
+
+
+def make_pdf(path: Path, pages: list[str]) -> Path:
+    """A real PDF (fpdf2) with one page per string, each with a text layer."""
+    from fpdf import FPDF
+
+    pdf = FPDF()
+    pdf.set_font("helvetica", size=14)
+    for text in pages:
+        pdf.add_page()
+        pdf.multi_cell(0, 10, text, new_x="LMARGIN", new_y="NEXT")
+    pdf.output(str(path))
+    return path

@@ -72,3 +72,40 @@ def test_load_events_update_model_status(
     assert status.is_loaded and status.is_demo
     assert states[0] == "loading" and states[-1] == "idle"
     client.close()
+
+
+def test_to_messages_carries_chosen_pages() -> None:
+    docs = [
+        Attachment(Path("a.pdf"), "document", pages="1-20,25"),
+        Attachment(Path("p.png"), "image"),
+        Attachment(Path("b.md"), "document"),
+    ]
+    [message] = to_messages([Turn("user", "q", attachments=docs)])
+    assert message.documents == (Path("a.pdf"), Path("b.md"))
+    assert message.document_pages == ("1-20,25", "")
+    [plain] = to_messages([Turn("user", "q", attachments=[docs[2]])])
+    assert plain.document_pages == ()
+
+
+def test_citations_checked_become_app_citations(
+    qtbot: Any, qasync_loop: asyncio.AbstractEventLoop
+) -> None:
+    from app.citations import Citation
+
+    client = EngineClient(ModelStatus(), fake_factory())
+    check = api.CitationCheck("[p. 2]", Path("r.pdf"), 2, "q", False, "fuzzy", 3, 9)
+    with qtbot.wait_signal(client.citations_checked) as blocker:
+        client._dispatch(api.CitationsChecked("r7", (check,)))
+    assert blocker.args == ["r7", [Citation("[p. 2]", Path("r.pdf"), 2, "q", False, "fuzzy", 3, 9)]]
+
+
+def test_read_page_round_trip(qtbot: Any, qasync_loop: asyncio.AbstractEventLoop) -> None:
+    from tests.app.fake_engine import Script
+
+    created: list[FakeEngine] = []
+    client = EngineClient(ModelStatus(), fake_factory(Script(page_texts={4: "four"}), created))
+    with qtbot.wait_signal(client.page_text, timeout=TIMEOUT_MS) as blocker:
+        rid = client.read_page(Path("doc.txt"), 4)
+    assert blocker.args[0] == rid and blocker.args[1].text == "four"
+    assert created[0].submitted == [api.ReadPage(rid, Path("doc.txt"), 4)]
+    client.close()

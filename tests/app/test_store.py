@@ -152,3 +152,52 @@ def test_store_survives_a_crash_mid_write(tmp_path: Path) -> None:
         assert answer.content.endswith("token120 ")  # every committed delta is there
     finally:
         store.close()
+
+
+V1_SCHEMA = """
+CREATE TABLE conversations (id TEXT PRIMARY KEY, title TEXT NOT NULL, created REAL NOT NULL,
+    updated REAL NOT NULL, reasoning_effort TEXT NOT NULL DEFAULT 'none',
+    deleted INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, conversation_id TEXT NOT NULL,
+    role TEXT NOT NULL, content TEXT NOT NULL DEFAULT '', reasoning TEXT NOT NULL DEFAULT '',
+    attachments TEXT NOT NULL DEFAULT '[]', effort TEXT NOT NULL DEFAULT 'none',
+    status TEXT NOT NULL DEFAULT 'done', stats TEXT NOT NULL DEFAULT '{}',
+    error TEXT NOT NULL DEFAULT '', created REAL NOT NULL);
+INSERT INTO conversations VALUES ('c1', 'Old chat', 1, 1, 'none', 0);
+INSERT INTO messages (conversation_id, role, content, created) VALUES ('c1', 'user', 'hi', 1);
+PRAGMA user_version = 1;
+"""
+
+
+def test_version_1_database_gains_citations(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(V1_SCHEMA)
+    db.close()
+    store = Store(path)
+    [message] = store.messages("c1")
+    assert (message.content, message.citations) == ("hi", [])
+    store.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    db.close()
+
+
+def test_citations_round_trip_and_export(store: Store) -> None:
+    from app.citations import Citation
+
+    cited = [
+        Citation('[p. 3: "x"]', Path("/d/r.pdf"), 3, "net income rose", True, "fuzzy", 4, 19),
+        Citation('[p. 8: "y"]', None, 8, "", False, "no_page"),
+    ]
+    cid = store.create_conversation("Report")
+    store.add_message(
+        cid, "user", "q", attachments=[{"path": "/d/r.pdf", "kind": "document", "pages": "1-9"}]
+    )
+    answer = store.add_message(cid, "assistant", "")
+    store.update_message(answer, content="It rose [p. 3].", status="stop", citations=cited)
+    assert store.messages(cid)[1].citations == cited
+    text = store.export_markdown(cid)
+    assert "- attached: r.pdf (pages 1-9)" in text
+    assert "- r.pdf, p. 3: “net income rose” (✅ verified: fuzzy)" in text
+    assert "- p. 8 (⚠️ not verified: no page)" in text

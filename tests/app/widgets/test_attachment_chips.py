@@ -33,3 +33,16 @@ def test_chips_follow_the_list(qtbot: Any, tmp_path: Path) -> None:
     assert chips.chips[1].remove_button.accessibleName() == "Remove n.txt"
     chips.chips[1].remove_button.click()
     assert [i.path.name for i in items.items] == ["wide.png"]
+
+
+def test_scanned_note_shows_an_info_icon(qtbot: Any) -> None:
+    note = "Pages 1, 2 of scan.pdf have no text layer (scanned). About 1,200 tokens per page."
+    items = AttachmentList()
+    chips = AttachmentChips(items)
+    qtbot.add_widget(chips)
+    items.add(Attachment(Path("scan.pdf"), "document", 10, 2, 2400, note=note, is_read=True))
+    items.add(Attachment(Path("plain.pdf"), "document", 10, 2, 90, is_read=True))
+    scanned, plain = chips.chips
+    assert not scanned.note_icon.isHidden() and scanned.note_icon.toolTip() == note
+    assert "scanned" in scanned.name_label.text() and "2,400 tokens" in scanned.name_label.text()
+    assert plain.note_icon.isHidden()
