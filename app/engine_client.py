@@ -128,6 +128,7 @@ class EngineClient(QObject):
         create_demo: bool = False,
         gpu_budget_bytes: int | None = None,
         context_length: int = 32768,
+        snapshot_dir: Path | None = None,
     ) -> str:
         """Load a model folder (or write and load the demo); progress goes to model_status."""
         self.model_status.is_loading = True
@@ -139,6 +140,7 @@ class EngineClient(QObject):
                 gpu_budget_bytes=gpu_budget_bytes,
                 context_length=context_length,
                 create_demo=create_demo,
+                snapshot_dir=snapshot_dir,
             )
         )
         self.model_status.set_state("loading")

@@ -35,7 +35,7 @@ from app.engine_client import EngineClient, EngineFactory, real_engine
 from app.errors import AppError
 from app.pages import PageController
 from app.privacy import NetworkGuard
-from app.settings import Settings, SettingsFile, atomic_write_text
+from app.settings import Settings, SettingsFile, atomic_write_text, snapshot_dir_for
 from app.state import AttachmentList, ConversationState, Metrics, ModelStatus
 from app.store import Store
 from app.theme import apply_theme
@@ -220,6 +220,7 @@ class MainWindow(QMainWindow):
             model_dir,
             gpu_budget_bytes=self.model_panel.budget_bytes(),
             context_length=self.model_panel.context_length(),
+            snapshot_dir=snapshot_dir_for(self.data_dir),
         )
 
     @Slot()
@@ -229,6 +230,7 @@ class MainWindow(QMainWindow):
             self.data_dir / "demo-model",
             create_demo=True,
             context_length=self.model_panel.context_length(),
+            snapshot_dir=snapshot_dir_for(self.data_dir),
         )
 
     def add_files(self, paths: list[Path]) -> None:

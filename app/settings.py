@@ -23,6 +23,14 @@ def default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
 
 
+def snapshot_dir_for(data_dir: Path) -> Path:
+    """Where document prefixes (KV snapshots) are kept: the user cache folder, or beside the
+    data of a --data-dir run, so tests and portable installs stay self-contained."""
+    if data_dir == default_data_dir():
+        return Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False)) / "kv-snapshots"
+    return data_dir / "cache" / "kv-snapshots"
+
+
 @dataclass
 class Settings:
     """Everything the user can set; unknown keys in the file are ignored."""

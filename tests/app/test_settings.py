@@ -54,3 +54,23 @@ def test_save_failure_says_what_to_do(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(SettingsError, match="disk has space"):
         SettingsFile(blocker).save(Settings())
+
+
+def test_snapshot_folder_is_the_cache_folder_or_beside_a_custom_data_dir(tmp_path):
+    import platformdirs
+
+    from app.settings import APP_NAME, default_data_dir, snapshot_dir_for
+
+    assert snapshot_dir_for(tmp_path) == tmp_path / "cache" / "kv-snapshots"
+    cache = Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
+    assert snapshot_dir_for(default_data_dir()) == cache / "kv-snapshots"
+
+
+def test_loads_ask_the_engine_to_keep_document_prefixes(make_window, tmp_path):
+    from engine import api
+
+    created: list = []
+    window = make_window(created=created, directory=tmp_path)
+    window.load_demo()
+    loads = [r for e in created for r in e.submitted if isinstance(r, api.LoadModel)]
+    assert loads and loads[-1].snapshot_dir == tmp_path / "cache" / "kv-snapshots"
