@@ -77,7 +77,8 @@ def load_model(args: argparse.Namespace):
     from engine.planning import make_plan, planned_options
 
     gpus = tuple(int(g) for g in args.gpus.split(",") if g.strip())
-    context = max(_ints(args.depth) + _ints(args.prefill)) + args.tokens + 64
+    context = max(_ints(args.depth) + _ints(args.prefill) + _ints(args.followup) + [0]) \
+        + args.tokens + args.question_tokens + 64
     opts = LoadOptions(device=device, dtype=args.dtype, context_length=context,
                        expert_cache_slots=args.expert_cache_slots, num_targets=args.targets,
                        gpus=gpus, host_format=args.host_format)
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace) -> dict:
     cfg = model.config
     experts = model.experts
     num_decode = args.warmup + args.tokens
-    trace = routing_trace(args, cfg, num_decode * len(_ints(args.depth)))
+    trace = routing_trace(args, cfg, max(1, num_decode * len(_ints(args.depth))))
     if trace is not None:
         model.decoder.experts = TraceRouting(experts, trace)
     head_s = head_seconds(model)

@@ -1,0 +1,107 @@
+"""The acceptance matrix of issues 4 and 5 in one run: every benchmark configuration, one JSON
+file each, and a summary that sets each figure beside its target.
+
+    python -m engine.bench.suite OUT_DIR [--quick] [--model DIR]
+
+`--quick` shrinks every size so the whole suite runs on a CPU in a minute (a smoke test of
+the pipeline, not a measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+# (name, bench arguments, [(figure path, comparison, target, what the issue asks)])
+FULL = [
+    ("decode-24g-random", ["--gpu-budget", "24GiB", "--routing", "random", "--depth", "0,32768,131072",
+                           "--prefill", "", "--baseline", "hf"],
+     [("results.0.avg_ts", ">=", 25.0, "decode tok/s, random routing, 24 GiB"),
+      ("ceiling.achieved_over_ceiling", ">=", 0.85, "achieved / ceiling"),
+      ("speedup_vs_baseline", ">=", 300.0, "x transformers + accelerate offload")]),
+    ("decode-24g-trace", ["--gpu-budget", "24GiB", "--routing", "synthetic", "--depth", "0,32768",
+                          "--prefill", ""],
+     [("results.0.avg_ts", ">=", 40.0, "decode tok/s, calibrated trace, 24 GiB"),
+      ("results.0.hit_rate_over_belady", ">=", 0.8, "hit rate / Belady with bypass")]),
+    ("decode-70g", ["--gpu-budget", "70GiB", "--routing", "random", "--depth", "0", "--prefill", ""],
+     [("results.0.avg_ts", ">=", 30.0, "decode tok/s, random routing, 70 GiB")]),
+    ("decode-70g-trace", ["--gpu-budget", "70GiB", "--routing", "synthetic", "--depth", "0",
+                          "--prefill", ""],
+     [("results.0.avg_ts", ">=", 60.0, "decode tok/s, calibrated trace, 70 GiB")]),
+    ("prefill-24g", ["--gpu-budget", "24GiB", "--depth", "", "--prefill", "4096,32768,131072"],
+     [("results.1.avg_ts", ">=", 6000.0, "prefill tok/s at 32K, 24 GiB"),
+      ("results.2.measured_s_scaled", "<=", 45.0, "seconds for 128K tokens")]),
+    ("followup-24g", ["--gpu-budget", "24GiB", "--depth", "", "--prefill", "", "--followup", "100000"],
+     [("results.0.ttft_cached_s", "<=", 3.0, "follow-up TTFT on a cached 100K prefix, 24 GiB"),
+      ("results.0.speedup", ">=", 20.0, "x faster than re-reading the document"),
+      ("results.0.snapshot_restore_s", "<=", 5.0, "restore the prefix from disk")]),
+    ("followup-70g", ["--gpu-budget", "70GiB", "--depth", "", "--prefill", "", "--followup", "100000"],
+     [("results.0.ttft_cached_s", "<=", 1.5, "follow-up TTFT on a cached 100K prefix, 70 GiB")]),
+]
+QUICK_SIZES = {"32768": "96", "131072": "160", "4096": "64", "100000": "128", "24GiB": "24GiB",
+               "70GiB": "70GiB"}
+
+
+def _quick(args: list[str]) -> list[str]:
+    out = []
+    for a in args:
+        out.append(",".join(QUICK_SIZES.get(x, x) for x in a.split(",")) if "," in a or a in QUICK_SIZES
+                   else a)
+    return out + ["--tokens", "4", "--warmup", "1", "--chunk", "64", "--baseline-tokens", "2",
+                  "--question-tokens", "8", "--device", "cpu", "--expert-cache-slots", "2"]
+
+
+def figure(result: dict, path: str):
+    value = result
+    for part in path.split("."):
+        if isinstance(value, list):
+            value = value[int(part)]
+        elif part == "hit_rate_over_belady":
+            return value["hit_rate"] / max(value["belady_bypass_hit_rate"], 1e-9)
+        elif part == "measured_s_scaled":
+            return value["n_prompt"] / value["avg_ts"]
+        else:
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is None:
+            return None
+    return value
+
+
+def run_suite(out_dir: Path, quick: bool, model: Path | None) -> list[dict]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = []
+    for name, args, checks in FULL:
+        argv = _quick(args) if quick else list(args)
+        if model is not None:
+            argv += ["--model", str(model)]
+        target = out_dir / f"{name}.json"
+        cmd = [sys.executable, "-m", "engine.bench", *argv, "--work-dir", str(out_dir / "work"),
+               "--out", str(target)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        result = json.loads(target.read_text()) if proc.returncode == 0 else {}
+        for path, op, goal, what in checks:
+            value = figure(result, path) if result else None
+            met = value is not None and (value >= goal if op == ">=" else value <= goal)
+            summary.append({"config": name, "figure": what, "value": value, "target": f"{op} {goal}",
+                            "met": met, "error": proc.stderr[-500:] if proc.returncode else ""})
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m engine.bench.suite", description=__doc__.splitlines()[0])
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--quick", action="store_true", help="tiny sizes on the CPU: a smoke test")
+    p.add_argument("--model", type=Path, default=None)
+    args = p.parse_args(argv)
+    for row in run_suite(args.out_dir, args.quick, args.model):
+        mark = "ok " if row["met"] else "NO "
+        print(f"{mark} {row['config']:<18} {row['figure']:<52} {row['value']!s:<24} {row['target']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
