@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=32, help="decode tokens measured per depth")
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--host-format", choices=("auto", "fp8", "int8"), default="auto")
+    p.add_argument("--host-mode", choices=("pinned", "mmap"), default="pinned",
+                   help="host expert store (the plan's choice for 36 layers is in 'plan')")
     p.add_argument("--no-cpu-misses", action="store_true", help="serve misses by PCIe copies only")
     p.add_argument("--baseline", choices=("hf", "none"), default="none")
     p.add_argument("--baseline-tokens", type=int, default=3)
@@ -92,6 +94,7 @@ def load_model(args: argparse.Namespace):
     opts = planned_options(opts, ckpt, budget, as_layers=REAL_LAYERS)
     if opts.expert_cache_slots is None:  # the bench always measures the offload runtime
         opts = replace(opts, expert_cache_slots=0)
+    opts = replace(opts, host_mode=args.host_mode)
     model = LoadedModel(folder, opts)
     model.experts.cpu_misses = not args.no_cpu_misses
     return model, folder, plan_summary
