@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> dict:
     stats = asdict(result.stats.to_event("cli", counters))
     stats.pop("request_id")
     stats["finish_reason"] = result.finish_reason
+    model.close()  # also finishes the session snapshot's write
     if args.record_routing:
         cfg = model.config
         _write_routing(args.record_routing, model.experts.routing_log, cfg.num_hidden_layers,

@@ -175,10 +175,12 @@ class LoadedModel:
 
             digest = digest_key(prefix)
             if self._saved_digest.get(session) != digest:
-                self.snapshots.save(session, prefix, cache.state(len(prefix)))
+                self.snapshots.save_in_background(session, prefix, cache.state(len(prefix)))
                 self._saved_digest[session] = digest
 
     def close(self) -> None:
+        if self.snapshots is not None:
+            self.snapshots.close()  # finish queued snapshot writes
         self.sessions.clear()
         close_experts = getattr(self.experts, "close", None)
         if close_experts:

@@ -17,7 +17,6 @@ from engine import api
 from engine.errors import CancelledError, NoModelError, OutOfMemoryError
 
 Emit = Callable[[api.Event], None]
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
 
 
 class Worker:

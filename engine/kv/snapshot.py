@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,28 @@ class SnapshotStore:
         self.folder = Path(folder)
         self.identity = identity
         self.budget_bytes = budget_bytes
+        # Checksumming and writing a 100K-token prefix takes seconds: done off the engine thread.
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="quire-snapshot")
+        self._pending: dict[str, Future] = {}
+
+    def save_in_background(self, session: str, key: list[int], state: dict[str, torch.Tensor]) -> None:
+        """Queue a save (`state` must already be CPU tensors); errors are logged, not raised."""
+        def save() -> None:
+            try:
+                self.save(session, key, state)
+            except OSError as exc:  # disk full, read-only cache: the session just re-reads later
+                log.warning("could not save the KV snapshot of %s: %s", session, exc)
+
+        self._pending[session] = self._writer.submit(save)
+
+    def flush(self) -> None:
+        for future in list(self._pending.values()):
+            future.result()
+        self._pending.clear()
+
+    def close(self) -> None:
+        self.flush()
+        self._writer.shutdown(wait=True)
 
     def path_for(self, session: str) -> Path:
         name = hashlib.blake2b(f"{self.identity}:{session}".encode(), digest_size=12).hexdigest()
@@ -92,6 +115,9 @@ class SnapshotStore:
 
     def load(self, session: str) -> Snapshot | None:
         """The session's snapshot, or None; anything unusable is deleted (and rebuilt later)."""
+        pending = self._pending.pop(session, None)
+        if pending is not None:
+            pending.result()
         path = self.path_for(session)
         if not path.is_file():
             return None

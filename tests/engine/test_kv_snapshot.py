@@ -24,6 +24,8 @@ def _ask(model, messages, session="s") -> tuple[list[int], int]:
     cache = model.cache_for(session, prompt)
     result = Generator(model, prompt, PARAMS, cache).run()
     model.keep_cache(session, prompt, result.output_ids, cache)
+    if model.snapshots is not None:
+        model.snapshots.flush()  # snapshots are written in the background
     return result.output_ids, result.stats.cached_prompt_tokens
 
 
