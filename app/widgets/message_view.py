@@ -165,13 +165,14 @@ class MessageView(QFrame):
         self._render_extras(turn)
 
     def _render_extras(self, turn: Turn) -> None:
+        # Plain text, not an emoji: many office machines have no emoji font (it drew as a box).
         names = [
-            f"📎 {a.path.name} ({format_bytes(a.num_bytes)}"
+            f"{a.path.name} ({format_bytes(a.num_bytes)}"
             + (f", pages {a.pages})" if a.pages else ")")
             for a in turn.attachments
         ]
         self.citation_chips.set_citations(turn.citations)
-        self.attachments_label.setText("   ".join(names))
+        self.attachments_label.setText(("Attached: " + " · ".join(names)) if names else "")
         self.attachments_label.setVisible(bool(names))
         note = _STATUS_NOTES.get(turn.status, "")
         self.note_label.setText(note)
