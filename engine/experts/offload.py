@@ -117,20 +117,27 @@ class OffloadedExperts:
             else:
                 plan[expert] = slots.weights(slot, expert, self.dtype)
         num_copies = self._num_copies(len(misses), slots.host.expert_bytes())
+        decisions = [(e, self.policy.admit((layer, e)) if i < num_copies else None)
+                     for i, e in enumerate(misses)]
+        # CPU jobs start first: their input must reach the host before the PCIe copies are
+        # queued, or the transfer would wait for those copies and the two paths would not overlap.
         cpu_jobs: dict[int, Future] = {}
-        for i, expert in enumerate(misses):
-            admitted = self.policy.admit((layer, expert)) if i < num_copies else None
-            if admitted is None and self.cpu_misses:
-                cpu_jobs[expert] = self._submit_cpu(layer, expert, x, top_idx)
-            elif admitted is None:  # no CPU path: serve from a staging copy, uncached
-                plan[expert] = self._staged(layer, expert, slots.device)
-            else:
-                evicted = admitted[1]
-                if evicted is not None and evicted[0] == layer and evicted[1] in plan:
-                    # A hit of this very step is being evicted: keep its weights first.
-                    plan[evicted[1]] = slots.materialize(admitted[0], evicted[1], self.dtype)
-                self.bytes_copied += slots.fill(admitted[0], expert)
-                plan[expert] = slots.weights(admitted[0], expert, self.dtype)
+        if self.cpu_misses and any(a is None for _, a in decisions):
+            x_host = x.to("cpu")
+            for expert, admitted in decisions:
+                if admitted is None:
+                    cpu_jobs[expert] = self._submit_cpu(layer, expert, x_host, top_idx)
+        for expert, admitted in decisions:
+            if admitted is None:
+                if not self.cpu_misses:  # no CPU path: serve from a staging copy, uncached
+                    plan[expert] = self._staged(layer, expert, slots.device)
+                continue
+            evicted = admitted[1]
+            if evicted is not None and evicted[0] == layer and evicted[1] in plan:
+                # A hit of this very step is being evicted: keep its weights first.
+                plan[evicted[1]] = slots.materialize(admitted[0], evicted[1], self.dtype)
+            self.bytes_copied += slots.fill(admitted[0], expert)
+            plan[expert] = slots.weights(admitted[0], expert, self.dtype)
         for expert, job in cpu_jobs.items():
             plan[expert] = Deferred(job.result)
         return run_experts(x, top_idx, top_weights, plan.__getitem__)
@@ -142,10 +149,10 @@ class OffloadedExperts:
         pcie, cpu = self.bandwidths
         return split_misses(num_misses, expert_bytes, pcie, cpu)[0]
 
-    def _submit_cpu(self, layer: int, expert: int, x: torch.Tensor, top_idx: torch.Tensor) -> Future:
+    def _submit_cpu(self, layer: int, expert: int, x_host: torch.Tensor, top_idx: torch.Tensor) -> Future:
         """Compute one expert for the tokens that chose it, on the CPU, from the host store."""
-        token_idx = torch.where((top_idx == expert).any(dim=-1))[0]  # top_idx is on the host
-        xs = x[token_idx.to(x.device)].to("cpu")
+        token_idx = torch.where((top_idx == expert).any(dim=-1))[0]  # both on the host
+        xs = x_host[token_idx]
         host = self.store.layers[layer]
         self.bytes_cpu += host.expert_bytes()
         self.num_cpu_experts += 1
