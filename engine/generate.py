@@ -88,6 +88,7 @@ class Generator:
             )
         start = min(self.cache.offset, total - 1)  # at least one token must run for logits
         self.cache.trim(start)
+        self.cache.reserve(total + self.params.max_tokens)
         stats = self.result.stats
         stats.prompt_tokens, stats.cached_prompt_tokens = total, start
         embeds = self.model.embed_prompt(self.prompt, start)  # [total - start, H]

@@ -37,6 +37,11 @@ class LatentKVCache:
             rope[: self.offset] = self._rope[layer][: self.offset]  # type: ignore[index]
         self._latent[layer], self._rope[layer] = latent, rope
 
+    def reserve(self, num_tokens: int) -> None:
+        """Make room for `num_tokens` in every layer at once (no regrowth copies mid-prefill)."""
+        for layer in range(self.num_layers):
+            self._reserve(layer, num_tokens)
+
     def update_and_fetch(self, layer: int, latent: torch.Tensor, k_rope: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write T new entries after `offset`; return views of all S+T entries of the layer."""
