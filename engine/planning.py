@@ -44,10 +44,12 @@ def shape_of(ckpt: Checkpoint) -> ModelShape:
 
 def make_plan(ckpt: Checkpoint, device: str, gpu_budget_bytes: int | None, context_length: int,
               expert_slots: int | None = None, num_targets: int = 1,
-              as_layers: int | None = None) -> PlacementPlan:
+              as_layers: int | None = None, gpu_indices: tuple[int, ...] = ()) -> PlacementPlan:
     """`as_layers` plans as if the model had that many layers (a benchmark measuring a few
     layers of a synthetic checkpoint gets the expert slots the full 36-layer model would)."""
     gpus = detect_gpus() if device in ("auto", "cuda") or device.startswith("cuda") else []
+    if gpu_indices:  # --gpus: plan over these cards only
+        gpus = [g for g in gpus if g.index in gpu_indices]
     host_total, host_available = detect_host_memory()
     targets = None
     if not gpus:
@@ -101,7 +103,7 @@ def _placed_options(opts, ckpt: Checkpoint, gpu_budget_bytes: int | None, as_lay
         return replace(opts, expert_cache_slots=0,
                        host_mode="ram" if expert_bytes < 0.9 * available else "mmap")
     plan = make_plan(ckpt, opts.device, gpu_budget_bytes, opts.context_length,
-                     opts.expert_cache_slots, opts.num_targets, as_layers)
+                     opts.expert_cache_slots, opts.num_targets, as_layers, tuple(opts.gpus))
     if not plan.fits:
         raise OutOfMemoryError(f"The model does not fit this machine as configured: {plan.summary()}")
     gpus = tuple(t.gpu_index for t in plan.targets if t.gpu_index is not None)
