@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> dict:
                                                                   REAL_LAYERS))
     for depth in _ints(args.followup):
         out["results"].append(followup_run(model, depth, args.question_tokens, args.chunk,
-                                           args.work_dir / "snapshots"))
+                                           args.work_dir / "snapshots", head_s, REAL_LAYERS))
     out["host_format"] = model.opts.host_format
     out["ceiling"] = ceiling(out["machine"], decode[0] if decode else None, cfg, args,
                              model.opts.host_format)

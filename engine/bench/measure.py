@@ -126,7 +126,8 @@ def prefill_run(model, num_tokens: int, chunk: int, head_s: float, real_layers: 
             "ttft_s": t_pp + scaled(t_first, head_s, n, real_layers)}
 
 
-def followup_run(model, depth: int, question: int, chunk: int, work_dir) -> dict:
+def followup_run(model, depth: int, question: int, chunk: int, work_dir, head_s: float = 0.0,
+                 real_layers: int = 36) -> dict:
     """Issue-4 flow: a `question`-token follow-up on a `depth`-token document, answered from
     the cached prefix (in memory, and restored from a disk snapshot) against a full re-read."""
     from engine.kv.snapshot import SnapshotStore
@@ -156,9 +157,18 @@ def followup_run(model, depth: int, question: int, chunk: int, work_dir) -> dict
     t_restore = time.perf_counter() - t0
     t_after_restore = prefill(restored, ids[depth:])
     t_full = prefill(model.decoder.new_cache(), ids)
-    return {"test": f"followup{question} @ d{depth}", "ttft_cached_s": t_cached,
-            "ttft_full_reprefill_s": t_full, "speedup": t_full / max(t_cached, 1e-9),
-            "document_prefill_s": t_document, "snapshot_bytes": path.stat().st_size,
-            "snapshot_save_s": t_save, "snapshot_restore_s": t_restore,
-            "ttft_after_restore_s": t_restore + t_after_restore,
-            "note": f"measured on {model.config.num_hidden_layers} layers, not scaled"}
+    n = model.config.num_hidden_layers
+    per_layer = real_layers / n  # KV bytes, restore time and layer compute grow with layers
+
+    def up(seconds: float) -> float:
+        return scaled(seconds, head_s, n, real_layers)
+
+    return {"test": f"followup{question} @ d{depth}", "ttft_cached_s": up(t_cached),
+            "ttft_full_reprefill_s": up(t_full), "speedup": up(t_full) / max(up(t_cached), 1e-9),
+            "document_prefill_s": up(t_document),
+            "snapshot_bytes": int(path.stat().st_size * per_layer),
+            "snapshot_save_s": t_save * per_layer, "snapshot_restore_s": t_restore * per_layer,
+            "ttft_after_restore_s": t_restore * per_layer + up(t_after_restore),
+            "measured": {"ttft_cached_s": t_cached, "ttft_full_reprefill_s": t_full,
+                         "snapshot_restore_s": t_restore, "layers": n},
+            "note": f"scaled from {n} to {real_layers} layers"}
