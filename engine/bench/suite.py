@@ -70,10 +70,13 @@ def figure(result: dict, path: str):
     return value
 
 
-def run_suite(out_dir: Path, quick: bool, model: Path | None) -> list[dict]:
+def run_suite(out_dir: Path, quick: bool, model: Path | None,
+              only: tuple[str, ...] = ()) -> list[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = []
     for name, args, checks in FULL:
+        if only and name not in only:
+            continue
         argv = _quick(args) if quick else list(args)
         if model is not None:
             argv += ["--model", str(model)]
@@ -87,7 +90,8 @@ def run_suite(out_dir: Path, quick: bool, model: Path | None) -> list[dict]:
             met = value is not None and (value >= goal if op == ">=" else value <= goal)
             summary.append({"config": name, "figure": what, "value": value, "target": f"{op} {goal}",
                             "met": met, "error": proc.stderr[-500:] if proc.returncode else ""})
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out_dir / f"summary{'-' + '-'.join(only) if only else ''}.json").write_text(
+        json.dumps(summary, indent=2))
     return summary
 
 
@@ -96,8 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out_dir", type=Path)
     p.add_argument("--quick", action="store_true", help="tiny sizes on the CPU: a smoke test")
     p.add_argument("--model", type=Path, default=None)
+    p.add_argument("--only", default="", help="comma-separated configurations (a device call "
+                   "is limited to 10 minutes: run the matrix in parts); names: "
+                   + ", ".join(name for name, _, _ in FULL))
     args = p.parse_args(argv)
-    for row in run_suite(args.out_dir, args.quick, args.model):
+    only = tuple(n for n in args.only.split(",") if n)
+    for row in run_suite(args.out_dir, args.quick, args.model, only):
         mark = "ok " if row["met"] else "NO "
         print(f"{mark} {row['config']:<18} {row['figure']:<52} {row['value']!s:<24} {row['target']}")
     return 0
