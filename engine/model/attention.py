@@ -96,7 +96,7 @@ def _expanded(cfg: ModelConfig, w: AttentionWeights, q_nope: torch.Tensor, q_pe:
     for lo in range(0, query.shape[1], QUERY_BLOCK):
         hi = lo + QUERY_BLOCK
         # Keys past the block's last query are masked anyway: leave them out.
-        visible = int(mask[min(hi, mask.shape[0]) - 1].nonzero().max()) + 1
+        visible = mask.shape[1] - mask.shape[0] + min(hi, mask.shape[0])  # offset + last query + 1
         blocks.append(F.scaled_dot_product_attention(
             query[:, lo:hi], key[:, :visible], value[:, :visible],
             attn_mask=mask[lo:hi, :visible], scale=cfg.softmax_scale,
