@@ -13,6 +13,14 @@ from app.settings import Settings
 from app.state import Attachment, ConversationState, Metrics, Turn
 
 
+def count_draft(client: EngineClient, state: ConversationState, settings: Settings, draft: str,
+                items: list[Attachment]) -> str:
+    """Ask the engine to count the conversation plus `draft` with `items`; returns the request id."""
+    turns = [*state.turns, Turn("user", draft, attachments=list(items))]
+    return client.count_tokens(turns, system_prompt=settings.system_prompt, effort=state.effort,
+                               max_tokens=settings.max_tokens)
+
+
 class BudgetController(QObject):
     """Counts candidate messages for the budget dialog; only the latest count is reported."""
 
@@ -40,14 +48,7 @@ class BudgetController(QObject):
 
     def recount(self, draft: str, items: list[Attachment]) -> None:
         """Count what sending `draft` with `items` (pages as chosen) would take."""
-        turns = [*self.state.turns, Turn("user", draft, attachments=list(items))]
-        settings = self._settings()
-        self._count_id = self.client.count_tokens(
-            turns,
-            system_prompt=settings.system_prompt,
-            effort=self.state.effort,
-            max_tokens=settings.max_tokens,
-        )
+        self._count_id = count_draft(self.client, self.state, self._settings(), draft, items)
 
     @Slot(str, object)
     def on_client_token_count(self, request_id: str, count: Any) -> None:

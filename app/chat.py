@@ -9,6 +9,7 @@ from typing import Any
 
 from PySide6.QtCore import QObject, QTimer, Signal, Slot
 
+from app.budget import count_draft
 from app.citations import Citation
 from app.engine_client import EngineClient
 from app.errors import AppError, describe_failure
@@ -296,14 +297,8 @@ class ChatController(QObject):
         """Ask the engine to count what sending `draft` now would put into the context."""
         if not self.client.model_status.is_loaded or self.state.is_busy:
             return
-        turns = [*self.state.turns, Turn("user", draft, attachments=list(self.attachments.items))]
-        settings = self._settings()
-        self._count_id = self.client.count_tokens(
-            turns,
-            system_prompt=settings.system_prompt,
-            effort=self.state.effort,
-            max_tokens=settings.max_tokens,
-        )
+        self._count_id = count_draft(self.client, self.state, self._settings(), draft,
+                                     list(self.attachments.items))
 
     @Slot(str, object)
     def on_client_token_count(self, request_id: str, count: Any) -> None:
