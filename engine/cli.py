@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> dict:
     from engine.planning import planned_options
 
     budget = parse_bytes(args.gpu_budget) if args.gpu_budget else None
-    model = LoadedModel(args.model, planned_options(opts, Checkpoint.open(args.model), budget))
+    ckpt = Checkpoint.open(args.model)
+    model = LoadedModel(args.model, planned_options(opts, ckpt, budget), ckpt=ckpt)
     if args.record_routing:
         model.experts.routing_log = []
     msg = api.ChatMessage("user", args.prompt, tuple(args.image), tuple(args.doc))

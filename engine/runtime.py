@@ -56,9 +56,11 @@ def resolve_devices(opts: LoadOptions, num_layers: int) -> list[torch.device]:
 
 
 class LoadedModel:
-    def __init__(self, model_dir: Path, opts: LoadOptions, progress: ProgressFn | None = None) -> None:
+    def __init__(self, model_dir: Path, opts: LoadOptions, progress: ProgressFn | None = None,
+                 ckpt: Checkpoint | None = None) -> None:
+        """`ckpt`: the folder already opened (and validated) by the caller, to skip a re-read."""
         t0 = time.perf_counter()
-        self.ckpt = Checkpoint.open(model_dir)
+        self.ckpt = ckpt or Checkpoint.open(model_dir)
         self.config = self.ckpt.config
         if opts.host_format == "auto":
             opts = replace(opts, host_format="int8" if opts.expert_cache_slots is not None else "fp8")

@@ -82,7 +82,7 @@ class Worker:
             self.emit(api.LoadProgress(rid, total * done // num, total, "reading weights",
                                        time.perf_counter() - t0))
 
-        self.model = LoadedModel(model_dir, _load_options(req, ckpt), progress)
+        self.model = LoadedModel(model_dir, _load_options(req, ckpt), progress, ckpt=ckpt)
         _ = self.model.formatter  # a broken tokenizer fails the load, not the first question
         self.is_demo = req.create_demo
         cfg = self.model.config

@@ -95,7 +95,7 @@ def load_model(args: argparse.Namespace):
     if opts.expert_cache_slots is None:  # the bench always measures the offload runtime
         opts = replace(opts, expert_cache_slots=0)
     opts = replace(opts, host_mode=args.host_mode)
-    model = LoadedModel(folder, opts)
+    model = LoadedModel(folder, opts, ckpt=ckpt)
     model.experts.cpu_misses = not args.no_cpu_misses
     return model, folder, plan_summary
 
