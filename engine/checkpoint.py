@@ -134,8 +134,11 @@ def _weight_map(folder: Path) -> dict[str, str]:
     )
 
 
-def read_header(file: Path) -> dict[str, Any]:
-    """Parse a safetensors header and check the file holds all the bytes it promises."""
+def read_header(file: Path) -> tuple[dict[str, Any], int]:
+    """Parse a safetensors header and check the file holds all the bytes it promises.
+
+    Returns the tensor entries and the file offset where the data section starts.
+    """
     try:
         size = file.stat().st_size
         with file.open("rb") as f:
@@ -152,16 +155,14 @@ def read_header(file: Path) -> dict[str, Any]:
             "damaged or truncated. Copy it again from the original model download."
         ) from exc
     header.pop("__metadata__", None)
-    header["__data_start__"] = 8 + header_len  # type: ignore[assignment]
-    data_end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__data_start__"),
-                   default=0)
+    data_end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
     if 8 + header_len + data_end > size:
         missing = 8 + header_len + data_end - size
         raise CheckpointError(
             f"{file.name} in {file.parent} is truncated ({missing:,} bytes missing); the copy "
             "did not finish. Copy this file again from the original model download."
         )
-    return header
+    return header, 8 + header_len
 
 
 def _index_tensors(folder: Path) -> dict[str, TensorInfo]:
@@ -176,8 +177,7 @@ def _index_tensors(folder: Path) -> dict[str, TensorInfo]:
     tensors: dict[str, TensorInfo] = {}
     for fname in files:
         file = folder / fname
-        header = read_header(file)
-        data_start = int(header.pop("__data_start__"))
+        header, data_start = read_header(file)
         for name, meta in header.items():
             shape = tuple(int(d) for d in meta["shape"])
             start, end = (int(x) for x in meta["data_offsets"])
