@@ -35,7 +35,6 @@ class LayerSlots:
         shape_gu, shape_d = tuple(host.gate_up.shape[1:]), tuple(host.down.shape[1:])
         self.gate_up = torch.empty((num_slots, *shape_gu), dtype=host.gate_up.dtype, device=device)
         self.down = torch.empty((num_slots, *shape_d), dtype=host.down.dtype, device=device)
-        self.expert_of_slot = [-1] * num_slots
         # Scales live beside the slots: reading one from host memory per use would be a
         # blocking copy for every expert of every layer.
         self.gate_up_scale = host.gate_up_scale.to(device)
@@ -48,7 +47,6 @@ class LayerSlots:
         local = slot - self.first_slot
         self.gate_up[local].copy_(self.host.gate_up[expert], non_blocking=True)
         self.down[local].copy_(self.host.down[expert], non_blocking=True)
-        self.expert_of_slot[local] = expert
         return self.host.expert_bytes()
 
     def weights(self, slot: int, expert: int, dtype: torch.dtype):

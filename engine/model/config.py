@@ -64,11 +64,6 @@ class ModelConfig:
             scale *= m * m
         return scale
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Latent cache bytes per token over all layers, in bf16."""
-        return 2 * self.num_hidden_layers * (self.kv_lora_rank + self.qk_rope_head_dim)
-
     @classmethod
     def from_hf(cls, raw: dict[str, Any], where: str = "config.json") -> ModelConfig:
         """Validate and convert the checkpoint's config.json. Raises CheckpointError."""
