@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from engine.chat import ChatFormatter  # noqa: F401  (import errors surface early)
+    from engine.answering import system_prompt_for
     from engine.documents_bridge import load_document
     from engine.generate import Generator
     from engine.runtime import LoadedModel, LoadOptions
@@ -80,7 +80,10 @@ def run(args: argparse.Namespace) -> dict:
     if args.record_routing:
         model.experts.routing_log = []
     msg = api.ChatMessage("user", args.prompt, tuple(args.image), tuple(args.doc))
-    prompt = model.formatter.build([msg], args.system, args.reasoning_effort, load_document)
+    # The same system prompt as the app: the user's (or the checkpoint's) plus citation rules.
+    system = system_prompt_for(api.Ask("cli", (msg,), system_prompt=args.system),
+                               model.formatter.default_system)
+    prompt = model.formatter.build([msg], system, args.reasoning_effort, load_document)
     params = api.SamplingParams(temperature=0.0 if args.greedy else args.temperature,
                                 top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
     cache = model.cache_for(args.session, prompt)
