@@ -1,0 +1,101 @@
+"""Attention over key blocks through PyTorch's fused kernels, merged by log-sum-exp.
+
+Long prefill re-expands the latent cache one key block at a time (engine.model.attention).
+Merging blocks exactly needs each block's per-row log-sum-exp, which the public
+scaled_dot_product_attention does not return; the fused kernels behind it do:
+`_scaled_dot_product_efficient_attention` on CUDA (any head sizes, fp32 and bf16) and
+`_scaled_dot_product_flash_attention_for_cpu` on the CPU (equal head sizes: narrower ones are
+zero-padded, which changes no score and no output column). With them a block costs one
+kernel and no [t, k] scores in memory, against eight passes over materialised fp32 scores.
+
+These are private operators: before first use on a device and dtype the path is checked
+against plain softmax attention, and any error or mismatch disables it (the materialised
+key-block path then serves), so a change in PyTorch costs speed, never correctness.
+Glossary: N heads, t queries, k keys, E query/key width, W value width.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+ENABLED = True  # tests switch it off to exercise the materialised path
+_checked: dict[tuple[str, torch.dtype], bool] = {}
+SELF_TEST_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.05, torch.float16: 0.02}
+
+
+def block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """query [N, t, E], key [N, k, E], value [N, k, W] -> (out [N, t, W], lse [N, t] fp32).
+
+    causal: query i sees keys 0..i (a square diagonal block); else every key.
+    """
+    num_queries, width = query.shape[1], value.shape[-1]
+    if query.device.type == "cuda":
+        out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+            query[None], key[None], value[None], None, True, 0.0, causal, scale=scale)
+        return out[0], lse[0, :, :num_queries].float()  # lse rows are padded to a tile
+    padded = max(query.shape[-1], width)
+    query, key, value = (F.pad(t, (0, padded - t.shape[-1])) for t in (query, key, value))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query[None], key[None], value[None], 0.0, causal, scale=scale)
+    return out[0, ..., :width], lse[0].float()
+
+
+class LseMerge:
+    """Outputs of key blocks merged into exact softmax attention over all their keys."""
+
+    def __init__(self) -> None:
+        self.acc: torch.Tensor | None = None  # [N, t, W] fp32
+        self.lse: torch.Tensor | None = None  # [N, t] fp32
+
+    def add(self, out: torch.Tensor, lse: torch.Tensor) -> None:
+        if self.acc is None or self.lse is None:
+            self.acc, self.lse = out.float(), lse
+            return
+        total = torch.logaddexp(self.lse, lse)
+        self.acc = self.acc * (self.lse - total).exp()[..., None] + out.float() * (lse - total).exp()[..., None]
+        self.lse = total
+
+    def result(self, dtype: torch.dtype) -> torch.Tensor:
+        assert self.acc is not None
+        return self.acc.to(dtype)
+
+
+def usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """True once the fused path has matched plain attention on this device and dtype."""
+    if not ENABLED:
+        return False
+    key = (str(device), dtype)
+    if key not in _checked:
+        _checked[key] = _self_test(device, dtype)
+    return _checked[key]
+
+
+def _self_test(device: torch.device, dtype: torch.dtype) -> bool:
+    """Two past blocks and a causal diagonal block, with unequal widths, against softmax."""
+    try:
+        gen = torch.Generator().manual_seed(0)
+        query, key = torch.randn(2, 5, 24, generator=gen), torch.randn(2, 17, 24, generator=gen)
+        value = torch.randn(2, 17, 16, generator=gen)
+        query, key, value = (t.to(device, dtype) for t in (query, key, value))
+        scale = 24**-0.5
+        merge = LseMerge()
+        for lo, hi, causal in ((0, 7, False), (7, 12, False), (12, 17, True)):
+            merge.add(*block_attention(query, key[:, lo:hi], value[:, lo:hi], causal, scale))
+        mask = torch.arange(17, device=device)[None, :] <= torch.arange(5, device=device)[:, None] + 12
+        ref = F.scaled_dot_product_attention(query.float(), key.float(), value.float(),
+                                             attn_mask=mask, scale=scale)
+        error = float((merge.result(torch.float32) - ref).abs().max())
+        if error > SELF_TEST_TOLERANCE.get(dtype, 0.05):
+            log.warning("fused block attention disagrees on %s %s (max error %.3g): disabled",
+                        device, dtype, error)
+            return False
+        return True
+    except Exception as exc:  # a private operator changed or is missing: use the slower path
+        log.warning("fused block attention unavailable on %s %s (%s)", device, dtype, exc)
+        return False
