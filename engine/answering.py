@@ -33,7 +33,7 @@ def answer(model, req: api.Ask, emit: Emit, is_cancelled: Callable[[], bool]) ->
     cache = model.cache_for(req.session, prompt)
     gen = Generator(model, prompt, req.sampling, cache, is_cancelled=is_cancelled,
                     on_prefill=lambda done, total: emit(api.PrefillProgress(rid, done, total)),
-                    prefill_chunk=2048 if model.layer_devices[0].type == "cuda" else 512)
+                    prefill_chunk=model.prefill_chunk)
     started = False
     for delta in gen.stream():
         if not started:

@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", default="", help="comma-separated GPU indices to use")
     p.add_argument("--gpu-budget", default=None,
                    help="VRAM to use per GPU, e.g. 24GiB (default: free memory minus a margin)")
+    p.add_argument("--prefetch", action="store_true",
+                   help="copy each layer's predicted experts while the previous layer runs")
     p.add_argument("--record-routing", type=Path, default=None,
                    help="write the selected expert ids per token and layer to FILE (.jsonl or .npy)")
     p.add_argument("--session", default="",
@@ -69,7 +71,8 @@ def run(args: argparse.Namespace) -> dict:
         snapshot_dir = args.snapshot_dir or default_snapshot_dir()
     opts = LoadOptions(device=device, dtype=args.dtype, context_length=args.context_length,
                        expert_cache_slots=args.expert_cache_slots, num_targets=args.targets, gpus=gpus,
-                       snapshot_dir=snapshot_dir, snapshot_min_tokens=64, host_format=args.host_format)
+                       snapshot_dir=snapshot_dir, snapshot_min_tokens=64, host_format=args.host_format,
+                       prefetch=args.prefetch)
     from engine.checkpoint import Checkpoint
     from engine.placement import parse_bytes
     from engine.planning import planned_options

@@ -16,7 +16,10 @@ from engine.errors import InputError
 
 GiB = 1 << 30
 DEFAULT_GPU_MARGIN_BYTES = GiB  # CUDA context, fragmentation, other processes
-DEFAULT_WORKSPACE_BYTES = GiB  # activations, attention scratch, prefill chunk buffers per GPU
+# Per GPU: a 16K-token prefill chunk's activations at the real shapes (~1.2 GB with the fp32
+# norm temporaries), bounded attention scratch (engine.model.attention) and the expert
+# streaming buffers (0.4 GB). engine.runtime.OFFLOADED_PREFILL_CHUNK is sized to fit.
+DEFAULT_WORKSPACE_BYTES = 2 * GiB
 HOST_MARGIN_FRACTION = 0.10  # pinned store: experts + 10% (the mission's host-memory rule) ...
 HOST_SAFETY_BYTES = 4 * GiB  # ... + room for the OS and the app
 MIN_CONTEXT, CONTEXT_STEP = 4096, 1024  # proposals: shortest useful context, its granularity

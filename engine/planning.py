@@ -107,7 +107,7 @@ def _placed_options(opts, ckpt: Checkpoint, gpu_budget_bytes: int | None, as_lay
     if not plan.fits:
         raise OutOfMemoryError(f"The model does not fit this machine as configured: {plan.summary()}")
     gpus = tuple(t.gpu_index for t in plan.targets if t.gpu_index is not None)
-    slots = min(min(t.slots_per_layer) for t in plan.targets if t.slots_per_layer)
+    layer_slots = plan.slots_per_layer()[: ckpt.config.num_hidden_layers]
     num_targets = min(len(plan.targets), ckpt.config.num_hidden_layers)
-    return replace(opts, expert_cache_slots=slots, num_targets=num_targets, gpus=gpus,
-                   host_mode=plan.host_store)
+    return replace(opts, expert_cache_slots=min(layer_slots), layer_slots=layer_slots,
+                   num_targets=num_targets, gpus=gpus, host_mode=plan.host_store)

@@ -21,6 +21,8 @@ from engine.kv.cache import LatentKVCache
 from engine.model.decoder import DecoderModel
 
 ProgressFn = Callable[[int, int], None]
+CPU_PREFILL_CHUNK, GPU_PREFILL_CHUNK = 512, 4096
+OFFLOADED_PREFILL_CHUNK = 16384  # placement.DEFAULT_WORKSPACE_BYTES is sized for this
 
 
 @dataclass(frozen=True)
@@ -29,12 +31,15 @@ class LoadOptions:
     dtype: str = "bfloat16"  # "bfloat16" | "float32"
     context_length: int = 32768
     expert_cache_slots: int | None = None  # per layer; None = every expert resident
+    layer_slots: tuple[int, ...] = ()  # the plan's slots for each layer (else the above on each)
     num_targets: int = 1  # split layers over this many devices (or logical targets)
     gpus: tuple[int, ...] = ()
     max_sessions: int = 4
     host_mode: str = "pinned"  # "pinned" | "mmap": where offloaded experts live on the host
     # "fp8" (as shipped, exact) | "int8" (per-row, fast CPU kernel) | "auto" (see planning)
     host_format: str = "fp8"
+    prefetch: bool = False  # copy layer i+1's predicted experts while layer i runs (offload only)
+    policy: str = "shift"  # expert-cache replacement: "shift" | "lrfu" | "lru" (engine.experts.policy)
     snapshot_dir: Path | None = None  # where session prefixes are saved; None = not saved
     snapshot_min_tokens: int = 1024  # shorter prefixes are cheaper to re-read than to restore
     snapshot_budget_bytes: int = 20 * 2**30
@@ -97,8 +102,9 @@ class LoadedModel:
         from engine.experts.offload import OffloadedExperts
 
         experts = OffloadedExperts(self.ckpt, self.dtype, self.layer_devices,
-                                   slots_per_layer=self.opts.expert_cache_slots,
+                                   slots_per_layer=self.opts.layer_slots or self.opts.expert_cache_slots,
                                    host_mode=self.opts.host_mode, host_format=self.opts.host_format,
+                                   prefetch=self.opts.prefetch, policy=self.opts.policy,
                                    progress=progress)
         if self.layer_devices[0].type == "cuda":
             from engine.experts.profile import load_or_measure
@@ -124,6 +130,17 @@ class LoadedModel:
 
             self._vision = VisionTower(self.ckpt, self.dtype, self.layer_devices[0])
         return self._vision
+
+    @property
+    def prefill_chunk(self) -> int:
+        """Tokens per prefill forward. Offloaded on a GPU, every chunk streams each layer's
+        experts once (116 GB over PCIe, ~2 s), so chunks are long: 16K tokens read 32K in two
+        passes and 128K in eight; the placement plan's workspace holds a chunk of this size.
+        Resident on a GPU, 4K keeps activations small; on a CPU, 512 keeps cancel and progress
+        responsive."""
+        if self.layer_devices[0].type != "cuda":
+            return CPU_PREFILL_CHUNK
+        return OFFLOADED_PREFILL_CHUNK if self.opts.expert_cache_slots is not None else GPU_PREFILL_CHUNK
 
     def embed_ids(self, ids: list[int]) -> torch.Tensor:
         return self.decoder.embed(torch.tensor(ids, dtype=torch.long))

@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", type=Path, help="routing trace file for --routing trace")
     p.add_argument("--depth", default="0,32768", help="decode KV depths, comma-separated")
     p.add_argument("--prefill", default="4096,32768", help="prefill sizes, comma-separated")
-    p.add_argument("--chunk", type=int, default=8192, help="prefill chunk tokens")
+    p.add_argument("--chunk", type=int, default=0,
+                   help="prefill chunk tokens (default: the engine's choice for the placement)")
     p.add_argument("--followup", default="", help="document sizes for the cached-prefix follow-up test")
     p.add_argument("--question-tokens", type=int, default=30)
     p.add_argument("--tokens", type=int, default=32, help="decode tokens measured per depth")
@@ -52,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-format", choices=("auto", "fp8", "int8"), default="auto")
     p.add_argument("--host-mode", choices=("pinned", "mmap"), default="pinned",
                    help="host expert store (the plan's choice for 36 layers is in 'plan')")
+    p.add_argument("--prefetch", action="store_true", help="next-layer expert prefetch on")
+    p.add_argument("--policy", choices=("shift", "lrfu", "lru"), default="shift",
+                   help="expert-cache replacement policy")
+    p.add_argument("--prefetch-error", type=float, default=0.15,
+                   help="forced routing: chance each predicted next-layer expert is wrong")
     p.add_argument("--no-cpu-misses", action="store_true", help="serve misses by PCIe copies only")
     p.add_argument("--baseline", choices=("hf", "none"), default="none")
     p.add_argument("--baseline-tokens", type=int, default=3)
@@ -83,7 +89,8 @@ def load_model(args: argparse.Namespace):
         + args.tokens + args.question_tokens + 64
     opts = LoadOptions(device=device, dtype=args.dtype, context_length=context,
                        expert_cache_slots=args.expert_cache_slots, num_targets=args.targets,
-                       gpus=gpus, host_format=args.host_format)
+                       gpus=gpus, host_format=args.host_format, prefetch=args.prefetch,
+                       policy=args.policy)
     ckpt = Checkpoint.open(folder)
     budget = parse_bytes(args.gpu_budget) if args.gpu_budget else None
     plan_summary = ""
@@ -125,25 +132,30 @@ def run(args: argparse.Namespace) -> dict:
     num_decode = args.warmup + args.tokens
     trace = routing_trace(args, cfg, max(1, num_decode * len(_ints(args.depth))))
     if trace is not None:
-        model.decoder.experts = TraceRouting(experts, trace)
+        model.decoder.experts = TraceRouting(experts, trace, args.prefetch_error)
     head_s = head_seconds(model)
+    args.chunk = args.chunk or model.prefill_chunk
     out: dict = {"model": {"folder": str(folder), "synthetic": args.model is None,
                            "layers_measured": cfg.num_hidden_layers, "scaled_to_layers": REAL_LAYERS,
                            "note": f"times scaled from {cfg.num_hidden_layers} to {REAL_LAYERS} layers"},
                  "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                 "plan": plan_summary, "slots_per_layer": model.opts.expert_cache_slots,
+                 "plan": plan_summary,
+                 "slots_per_layer": list(model.opts.layer_slots) or model.opts.expert_cache_slots,
                  "machine": machine.describe(cfg.hidden_size, cfg.moe_intermediate_size, model.dtype),
                  "results": []}
     decode = []
+    slots = list(model.opts.layer_slots) or model.opts.expert_cache_slots
     for depth in _ints(args.depth):
         experts.routing_log = []
         row = decode_run(model, depth, args.tokens, args.warmup, head_s, REAL_LAYERS)
         measured = log_to_trace(experts.routing_log, cfg.num_hidden_layers)[-args.tokens:]
         counters = experts.counters()
         row |= {"test": f"tg{args.tokens} @ d{depth}", "hit_rate": counters["hit_rate"],
-                "belady_bypass_hit_rate": belady_hit_rate(measured, model.opts.expert_cache_slots),
+                "belady_bypass_hit_rate": belady_hit_rate(measured, slots),
                 "bytes_copied_per_token": counters["bytes_copied"] / args.tokens,
                 "bytes_cpu_per_token": counters["bytes_cpu"] / args.tokens}
+        row |= {k: counters[k] for k in ("prefetch_issued", "prefetch_used", "prefetch_wasted")
+                if k in counters}
         decode.append(row)
     experts.routing_log = None
     out["results"] += decode

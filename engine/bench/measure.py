@@ -22,10 +22,23 @@ def _sync() -> None:
 
 
 class TraceRouting:
-    """Wraps an expert backend so decode steps use a trace's expert ids (uniform weights)."""
+    """Wraps an expert backend so decode steps use a trace's expert ids (uniform weights).
 
-    def __init__(self, inner, trace: np.ndarray) -> None:
+    Prefetch predictions are the trace's next-layer ids with each id wrong with probability
+    `prediction_error` (published next-layer predictability is 80-97%, prior-art note 6.2),
+    since the model's own router prediction means nothing once routing is forced.
+    """
+
+    def __init__(self, inner, trace: np.ndarray, prediction_error: float = 0.15) -> None:
         self.inner, self.trace, self.token = inner, trace, 0
+        self.prediction_error = prediction_error
+        self._rng = np.random.default_rng(0)
+
+    def expect(self, layer: int, predicted_idx: torch.Tensor) -> None:
+        ids = self.trace[self.token % self.trace.shape[0], layer % self.trace.shape[1]].astype(np.int64)
+        wrong = self._rng.random(ids.shape) < self.prediction_error
+        ids = np.where(wrong, self._rng.integers(0, self.inner.num_experts, ids.shape), ids)
+        self.inner.expect(layer, torch.as_tensor(ids).view(1, -1))
 
     def forward(self, layer: int, x: torch.Tensor, top_idx: torch.Tensor, top_weights: torch.Tensor):
         if x.shape[0] == 1:

@@ -8,6 +8,7 @@ Glossary: T tokens, H hidden, I expert width, K experts per token, S slots.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -16,7 +17,8 @@ from engine.checkpoint import Checkpoint
 from engine.experts import fp8_kernel
 from engine.experts.ceiling import split_misses
 from engine.experts.compute import cpu_expert_forward, dequant_expert, expert_forward
-from engine.experts.policy import CachePolicy, LRFUPolicy, LRUPolicy
+from engine.experts.policy import CachePolicy, LRFUPolicy, LRUPolicy, ShiftLRFUPolicy
+from engine.experts.prefetch import SlotPrefetcher
 from engine.experts.store import HostExpertStore, LayerExperts
 from engine.experts.streaming import ExpertStreamer, StagingBuffers
 from engine.model.moe import Deferred, run_experts
@@ -24,7 +26,7 @@ from engine.model.moe import Deferred, run_experts
 # At or above this many tokens in a forward (prefill chunks) a layer's experts are streamed
 # through staging once per chunk instead of going through the decode cache.
 STREAM_MIN_TOKENS = 64
-POLICIES = {"lru": LRUPolicy, "lrfu": LRFUPolicy}
+POLICIES = {"lru": LRUPolicy, "lrfu": LRFUPolicy, "shift": ShiftLRFUPolicy}
 
 
 class LayerSlots:
@@ -41,6 +43,14 @@ class LayerSlots:
         self.down_scale = host.down_scale.to(device)
         self.use_kernel = host.gate_up.dtype in (torch.float8_e4m3fn, torch.int8) and \
             fp8_kernel.kernel_usable(device, shape_gu[1], shape_d[1])
+        # Decode: all of a step's cached experts in two launches (engine.experts.fp8_kernel).
+        self.use_grouped = self.use_kernel and fp8_kernel.grouped_kernel_usable(device, shape_gu[1],
+                                                                               shape_d[1])
+        # Slot and expert ids of a step go to the GPU from page-locked memory without a
+        # blocking copy; one buffer per layer is reused only after the next token's routing
+        # wait, by which time its previous copy has long finished.
+        pinned = device.type == "cuda"
+        self._ids = torch.empty((2, host.gate_up.shape[0]), dtype=torch.int32, pin_memory=pinned)
 
     def fill(self, slot: int, expert: int) -> int:
         """Copy expert's weights from the host store into a slot; returns the bytes moved."""
@@ -65,6 +75,18 @@ class LayerSlots:
             return compute
         return self.materialize(slot, expert, dtype)
 
+    def grouped(self, x: torch.Tensor, in_slot: dict[int, int]) -> dict[int, torch.Tensor]:
+        """expert -> its unweighted output [1, H] for one decode token, every cached expert of
+        the step in one grouped kernel call."""
+        experts = sorted(in_slot)
+        n = len(experts)
+        self._ids[0, :n] = torch.tensor([in_slot[e] - self.first_slot for e in experts], dtype=torch.int32)
+        self._ids[1, :n] = torch.tensor(experts, dtype=torch.int32)
+        ids = self._ids[:, :n].to(self.device, non_blocking=True)
+        scales = [s.index_select(0, ids[1]) for s in (self.gate_up_scale, self.down_scale)]
+        out = fp8_kernel.grouped_expert_forward(x, self.gate_up, self.down, ids[0], *scales)
+        return {e: out[i] for i, e in enumerate(experts)}  # [n, 1, H] -> [1, H] each
+
     def materialize(self, slot: int, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The expert's weights copied out of its slot (before the slot is refilled)."""
         local = slot - self.first_slot
@@ -73,18 +95,23 @@ class LayerSlots:
 
 
 class OffloadedExperts:
-    """Expert backend with `slots_per_layer` cached experts per layer; the rest on the host."""
+    """Expert backend with `slots_per_layer` cached experts per layer (one count for every
+    layer, or one per layer as the plan spreads them); the rest on the host."""
 
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, layer_devices: list[torch.device],
-                 slots_per_layer: int, *, host_mode: str = "pinned", host_format: str = "fp8",
-                 policy: str = "lrfu", cpu_misses: bool = True, progress=None) -> None:
+                 slots_per_layer: int | Sequence[int], *, host_mode: str = "pinned", host_format: str = "fp8",
+                 policy: str = "shift", cpu_misses: bool = True, prefetch: bool = False,
+                 progress=None) -> None:
         cfg = ckpt.config
         self.dtype = dtype
         self.num_experts = cfg.n_routed_experts
         self.store = HostExpertStore(ckpt, host_mode, host_format, progress)
-        slots = max(0, min(slots_per_layer, self.num_experts))
-        self.policy: CachePolicy = POLICIES[policy](slots_per_layer=[slots] * cfg.num_hidden_layers)
-        self.layers = [LayerSlots(self.store.layers[i], dev, slots, i * slots)
+        if isinstance(slots_per_layer, int):
+            slots_per_layer = [slots_per_layer] * cfg.num_hidden_layers
+        sizes = [max(0, min(n, self.num_experts)) for n in slots_per_layer]
+        self.policy: CachePolicy = POLICIES[policy](slots_per_layer=sizes)
+        firsts = [sum(sizes[:i]) for i in range(len(sizes))]  # the policy's slot ids are global
+        self.layers = [LayerSlots(self.store.layers[i], dev, sizes[i], firsts[i])
                        for i, dev in enumerate(layer_devices)]
         self.cpu_misses = cpu_misses
         self._cpu_pool = ThreadPoolExecutor(1, thread_name_prefix="quire-cpu-experts")
@@ -96,6 +123,18 @@ class OffloadedExperts:
         self.bytes_copied = 0
         self.bytes_cpu = 0
         self.num_cpu_experts = 0
+        # Prefetch (engine.experts.prefetch): the decoder tells us layer i+1's predicted experts
+        # before layer i runs (`expect`), and layer i queues their copies behind its own.
+        self.prefetcher = SlotPrefetcher() if prefetch else None
+        self._expected: tuple[int, list[int]] | None = None
+
+    @property
+    def prefetch_enabled(self) -> bool:
+        return self.prefetcher is not None
+
+    def expect(self, layer: int, predicted_idx: torch.Tensor) -> None:
+        """The experts `layer` is predicted to choose for the next decode token."""
+        self._expected = (layer, sorted(set(predicted_idx.flatten().tolist())))
 
     # ------------------------------------------------------------------ expert backend
     def forward(self, layer: int, x: torch.Tensor, top_idx: torch.Tensor,
@@ -108,12 +147,18 @@ class OffloadedExperts:
         slots = self.layers[layer]
         plan: dict[int, object] = {}
         misses = []
-        for expert in sorted(set(top_idx.flatten().tolist())):
+        selected = sorted(set(top_idx.flatten().tolist()))
+        if self.prefetcher is not None:
+            self.prefetcher.account(layer, set(selected))
+        in_slot: dict[int, int] = {}  # experts computed from their slots: expert -> slot
+        for expert in selected:
             slot = self.policy.lookup((layer, expert))
             if slot is None:
                 misses.append(expert)
             else:
+                self._before_slot_use(layer, slot)
                 plan[expert] = slots.weights(slot, expert, self.dtype)
+                in_slot[expert] = slot
         num_copies = self._num_copies(len(misses), slots.host.expert_bytes())
         decisions = [(e, self.policy.admit((layer, e)) if i < num_copies else None)
                      for i, e in enumerate(misses)]
@@ -134,11 +179,45 @@ class OffloadedExperts:
             if evicted is not None and evicted[0] == layer and evicted[1] in plan:
                 # A hit of this very step is being evicted: keep its weights first.
                 plan[evicted[1]] = slots.materialize(admitted[0], evicted[1], self.dtype)
+                del in_slot[evicted[1]]
+            self._before_slot_use(layer, admitted[0])  # a queued prefetch into it comes first
             self.bytes_copied += slots.fill(admitted[0], expert)
             plan[expert] = slots.weights(admitted[0], expert, self.dtype)
+            in_slot[expert] = admitted[0]
+        if in_slot and slots.use_grouped and x.shape[0] == 1 and self.dtype == torch.bfloat16:
+            for expert, y in slots.grouped(x, in_slot).items():
+                plan[expert] = _computed(y)
         for expert, job in cpu_jobs.items():
             plan[expert] = Deferred(job.result)
-        return run_experts(x, top_idx, top_weights, plan.__getitem__)
+        if self.prefetcher is not None:
+            self._prefetch_next(layer, slots.device)
+        out = run_experts(x, top_idx, top_weights, plan.__getitem__)
+        if self.prefetcher is not None:
+            self.prefetcher.after_compute(layer, slots.device)
+        return out
+
+    def _before_slot_use(self, layer: int, slot: int) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.before_use(layer, slot, self.layers[layer].device)
+
+    def _prefetch_next(self, layer: int, device: torch.device) -> None:
+        """Queue copies of layer+1's predicted experts that are not cached, behind this layer's
+        demand copies; the policy decides which residents (if any) make room."""
+        expected, self._expected = self._expected, None
+        if expected is None or expected[0] != layer + 1 or layer + 1 >= len(self.layers):
+            return
+        target = expected[0]
+        predicted = {(target, e) for e in expected[1]}
+        fills = []
+        for expert in expected[1]:
+            admitted = self.policy.admit_prefetch((target, expert), keep=predicted)
+            if admitted is not None:
+                fills.append((admitted[0], expert))
+        after = None
+        if device.type == "cuda" and fills:
+            after = torch.cuda.Event()
+            after.record(torch.cuda.current_stream(device))
+        self.prefetcher.issue(self.layers[target], target, fills, after)
 
     def _num_copies(self, num_misses: int, expert_bytes: int) -> int:
         """How many of a step's misses go over PCIe (the rest to the CPU), so both finish together."""
@@ -174,6 +253,8 @@ class OffloadedExperts:
         """Prefill: every expert the chunk uses, once, from its slot or streamed from the host
         (engine.experts.streaming); the chunk's routing counts warm the cache for decode."""
         slots = self.layers[layer]
+        if self.prefetcher is not None:
+            self.prefetcher.drain()
         experts, counts = torch.unique(top_idx, return_counts=True)
         ids = experts.tolist()
         cached = {e: s for e in ids if (s := self.policy.peek((layer, e))) is not None}
@@ -191,6 +272,8 @@ class OffloadedExperts:
         return self._buffers[slots.device]
 
     def seed(self, counts: dict[tuple[int, int], float]) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.drain()
         before = self.policy.resident()
         self.policy.seed(counts)
         for key, slot in self.policy.resident().items():
@@ -201,13 +284,24 @@ class OffloadedExperts:
         """Start counting afresh (after a benchmark's warm-up); the cache contents stay."""
         self.policy.num_hits = self.policy.num_misses = 0
         self.bytes_copied = self.bytes_cpu = self.num_cpu_experts = 0
+        if self.prefetcher is not None:
+            self.prefetcher.reset_counters()
 
     def counters(self) -> dict[str, float]:
+        """Cache and traffic counters; bytes_copied includes prefetched bytes."""
         p = self.policy
-        return {"hits": p.num_hits, "misses": p.num_misses, "hit_rate": p.hit_rate,
-                "bytes_copied": self.bytes_copied, "bytes_cpu": self.bytes_cpu,
-                "cpu_experts": self.num_cpu_experts}
+        out = {"hits": p.num_hits, "misses": p.num_misses, "hit_rate": p.hit_rate,
+               "bytes_copied": self.bytes_copied, "bytes_cpu": self.bytes_cpu,
+               "cpu_experts": self.num_cpu_experts}
+        if self.prefetcher is not None:
+            out |= self.prefetcher.counters()
+            out["bytes_copied"] += out["bytes_prefetched"]
+        return out
 
     def close(self) -> None:
         self._cpu_pool.shutdown(wait=True)
 
+
+def _computed(y: torch.Tensor):
+    """An expert output computed ahead (grouped kernel), in run_experts' callable form."""
+    return lambda xs: y

@@ -108,6 +108,32 @@ class CachePolicy:
         self._on_admit(key)
         return slot, victim
 
+    def admit_prefetch(self, key: Key, keep: frozenset[Key] | set[Key] = frozenset()
+                       ) -> tuple[int, Key | None] | None:
+        """Give a key predicted for the next layer a slot ahead of its use (not counted as a hit
+        or a miss): the prediction says it is needed within a layer, sooner than any resident's
+        next use can be known, so the lowest-ranked resident makes room without the bypass
+        test, except residents in `keep` (the rest of the same prediction). None when the
+        layer has no slots or only kept residents."""
+        if key in self._slot:
+            return None
+        part = self._part(key)
+        if part >= len(self._free) or self._sizes[part] == 0:
+            return None
+        if self._free[part]:
+            slot, victim = self._free[part].pop(), None
+        else:
+            victim = self._lowest(part, keep)
+            if victim is None:
+                return None
+            slot = self._slot.pop(victim)
+            self._on_evict(victim)
+            self.num_evictions += 1
+        self._on_predict(key)
+        self._slot[key] = slot
+        self._on_admit(key)
+        return slot, victim
+
     def evict(self, key: Key) -> int | None:
         """Drop key (e.g. its slot is needed elsewhere); returns the freed slot or None."""
         slot = self._slot.pop(key, None)
@@ -136,8 +162,13 @@ class CachePolicy:
     def _on_miss(self, key: Key) -> None: ...
     def _on_admit(self, key: Key) -> None: ...
     def _on_evict(self, key: Key) -> None: ...
+    def _on_predict(self, key: Key) -> None: ...
 
     def _victim(self, key: Key, part: int) -> Key | None:
+        raise NotImplementedError
+
+    def _lowest(self, part: int, keep: frozenset[Key] | set[Key]) -> Key | None:
+        """The resident of `part` the policy ranks lowest, skipping `keep`."""
         raise NotImplementedError
 
 
@@ -160,6 +191,9 @@ class LRUPolicy(CachePolicy):
 
     def _victim(self, key: Key, part: int) -> Key | None:
         return next(iter(self._order[part]))
+
+    def _lowest(self, part: int, keep: frozenset[Key] | set[Key]) -> Key | None:
+        return next((k for k in self._order[part] if k not in keep), None)
 
     def seed(self, counts: Counts) -> None:
         super().seed(counts)  # admitted hottest first, so the hottest become least recent ...
@@ -185,12 +219,15 @@ class LRFUPolicy(CachePolicy):
         self.half_life = half_life
         self.admit_margin = admit_margin
         self._clock: dict[int, int] = {}  # uses so far per layer
+        # Added to every layer's clock (in half-lives): a subclass advances it to forget the
+        # past at once; old scores keep their order, so no heap needs rebuilding.
+        self._offset = 0.0
         self._score: dict[Key, float] = {}  # log2(sum 2^(t_use / half_life))
         self._heaps: list[list[tuple[float, Key]]] = [[] for _ in self._sizes]
 
     def _touch(self, key: Key) -> float:
         layer = key[0]
-        now = self._clock.get(layer, 0) / self.half_life
+        now = self._clock.get(layer, 0) / self.half_life + self._offset
         self._clock[layer] = self._clock.get(layer, 0) + 1
         old = self._score.get(key)
         if old is None:
@@ -231,6 +268,27 @@ class LRFUPolicy(CachePolicy):
             return None
         return victim if self._score[key] > score + self.admit_margin else None
 
+    def _lowest(self, part: int, keep: frozenset[Key] | set[Key]) -> Key | None:
+        heap, kept, found = self._heaps[part], [], None
+        while heap:
+            score, victim = heapq.heappop(heap)
+            if victim not in self._slot or self._score[victim] != score:
+                continue  # stale
+            if victim in keep:
+                kept.append((score, victim))
+                continue
+            found = victim  # its entry is gone with it: the caller evicts it
+            break
+        for entry in kept:
+            heapq.heappush(heap, entry)
+        return found
+
+    def _on_predict(self, key: Key) -> None:
+        """A predicted use counts like a use now (without advancing the layer's clock)."""
+        now = self._clock.get(key[0], 0) / self.half_life + self._offset
+        old = self._score.get(key)
+        self._score[key] = now if old is None else max(old, now) + math.log2(1.0 + 2.0 ** -abs(old - now))
+
     def seed(self, counts: Counts) -> None:
         """Scores from counts, scaled per layer to a decayed window's total (~1.44 half-lives)."""
         items = _counts_items(counts)
@@ -239,9 +297,83 @@ class LRFUPolicy(CachePolicy):
             totals[layer] = totals.get(layer, 0.0) + c
         window = self.half_life / math.log(2)  # sum over ages of 2^(-age/half_life)
         for (layer, expert), c in items:
-            now = self._clock.get(layer, 0) / self.half_life
+            now = self._clock.get(layer, 0) / self.half_life + self._offset
             self._score[(layer, expert)] = now + math.log2(c * window / totals[layer])
         super().seed(counts)
+
+
+class ShiftLRFUPolicy(LRFUPolicy):
+    """LRFU with a long memory that forgets at once when the routing's popularity shifts.
+
+    Routing popularity is piecewise stationary (a document section favours a set of experts,
+    then the next one favours another, in all layers at the same token). Within a section a
+    long half-life estimates popularity best; across a shift it keeps yesterday's experts too
+    long. So: a long half-life, plus a change detector that, on a shift, advances the clock by
+    `jump` half-lives, dividing every old score by 2^jump (new experts then win slots at once).
+
+    The detector watches novelty, not misses (misses depend on the cache size and warm-up):
+    the share of uses whose key was not used in the layer's last `novelty_window` uses. It
+    runs a Bernoulli CUSUM over all layers' uses, novelty rate p0 (tracked slowly) against
+    p0 + 0.4; it fires above `threshold + threshold_per_log_layer * ln(layers)` nats, as more
+    layers give more uses per token (and false alarms) but also a clearer shift. One jump per
+    `cooldown` uses per layer: the new section's experts stay novel for a few tokens.
+    Per use the extra work is a dict look-up and a few float operations.
+    """
+
+    def __init__(self, capacity: int | None = None,
+                 slots_per_layer: Sequence[int] | None = None, half_life: float = 512.0,
+                 admit_margin: float = 0.0, jump: float = 6.0, novelty_window: int = 128,
+                 threshold: float = 3.75, threshold_per_log_layer: float = 1.35,
+                 cooldown: int = 64) -> None:
+        super().__init__(capacity, slots_per_layer, half_life, admit_margin)
+        self.jump = jump
+        self.novelty_window = novelty_window
+        self.threshold, self.threshold_per_log_layer = threshold, threshold_per_log_layer
+        self.cooldown = cooldown
+        self.num_shifts = 0
+        self._last_use: dict[Key, int] = {}  # the layer clock at each key's last use
+        self._num_layers = 0
+        self._p0 = 0.25  # novelty rate in a steady section, tracked over ~512 uses per layer
+        self._cusum = 0.0
+        self._uses = 0
+        self._quiet_until = 0  # no jump before this many uses (all layers)
+        self._grow(len(self._sizes) if self.is_per_layer else 1)
+
+    def _grow(self, num_layers: int) -> None:
+        """Scale the detector to the layers seen (a global pool learns them as they come)."""
+        self._num_layers = num_layers
+        self._limit = self.threshold + self.threshold_per_log_layer * math.log(num_layers)
+        self._rates()
+
+    def _rates(self) -> None:
+        p0 = min(max(self._p0, 0.02), 0.9)
+        p1 = min(0.97, p0 + 0.4)
+        self._llr_novel = math.log(p1 / p0)
+        self._llr_seen = math.log((1.0 - p1) / (1.0 - p0))
+
+    def _touch(self, key: Key) -> float:
+        layer = key[0]
+        if layer >= self._num_layers:
+            self._grow(layer + 1)
+        clock = self._clock.get(layer, 0)
+        last = self._last_use.get(key)
+        self._last_use[key] = clock
+        novel = last is None or clock - last > self.novelty_window
+        self._uses += 1
+        self._p0 += (novel - self._p0) / (512.0 * self._num_layers)
+        if self._uses % 64 == 0:
+            self._rates()
+        cusum = self._cusum + (self._llr_novel if novel else self._llr_seen)
+        if cusum <= 0.0:
+            cusum = 0.0
+        elif cusum > self._limit:
+            cusum = 0.0
+            if self._uses >= self._quiet_until:
+                self._offset += self.jump
+                self.num_shifts += 1
+                self._quiet_until = self._uses + self.cooldown * self._num_layers
+        self._cusum = cusum
+        return super()._touch(key)
 
 
 def simulate(policy: CachePolicy, trace: np.ndarray) -> float:

@@ -17,7 +17,7 @@ from engine.checkpoint import Checkpoint
 from engine.kv.cache import LatentKVCache
 from engine.model.attention import AttentionWeights, PositionTables, mla_attention
 from engine.model.layers import rms_norm
-from engine.model.moe import ExpertBackend, MoEWeights, moe_block
+from engine.model.moe import ExpertBackend, MoEWeights, moe_block, route
 from engine.model.names import TEXT, attention_linears, layer_prefix
 from engine.model.rope import Rope
 from engine.quant import dequantize
@@ -83,6 +83,15 @@ class DecoderModel:
         self.lm_head = ckpt.get("language_model.lm_head.weight").to(dtype=dtype, device=last)
         self.ropes = {dev: Rope(cfg, dev) for dev in set(layer_devices)}
 
+    def _predict_next_layer(self, i: int, h: torch.Tensor) -> None:
+        """Layer i+1's router applied to layer i's residual stream (which changes little from
+        one layer to the next): the experts the backend may start copying while layer i runs."""
+        if i + 1 >= len(self.layers) or self.layers[i + 1].device != h.device:
+            return
+        nxt = self.layers[i + 1]
+        x = rms_norm(h, nxt.post_attention_layernorm, self.cfg.rms_norm_eps)
+        self.experts.expect(i + 1, route(self.cfg, x, nxt.moe.gate)[1])
+
     def new_cache(self) -> LatentKVCache:
         cfg = self.cfg
         return LatentKVCache(cfg.num_hidden_layers, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
@@ -111,6 +120,8 @@ class DecoderModel:
             x = rms_norm(h, layer.input_layernorm, self.cfg.rms_norm_eps)
             h = h + mla_attention(self.cfg, layer.attn, x, tables[layer.device], cache, i, absorb)
             x = rms_norm(h, layer.post_attention_layernorm, self.cfg.rms_norm_eps)
+            if num_tokens == 1 and getattr(self.experts, "prefetch_enabled", False):
+                self._predict_next_layer(i, h)
             h = h + moe_block(self.cfg, layer.moe, x, i, self.experts)
         cache.commit(num_tokens)
         h = h.to(self.norm.device)

@@ -168,3 +168,85 @@ def test_bf16_offload_is_bit_identical_to_resident(tiny_checkpoint, slots):
     offloaded = LoadedModel(tiny_checkpoint, LoadOptions(dtype="bfloat16", expert_cache_slots=slots))
     assert torch.equal(_run(resident, prefill=70), _run(offloaded, prefill=70))
     offloaded.close()
+
+
+@pytest.mark.parametrize("slots", [1, 3])
+@pytest.mark.parametrize("targets", [1, 2], ids=["one-target", "two-targets"])
+def test_prefetch_keeps_the_reference_logits(tiny_checkpoint, reference_logits, slots, targets):
+    """Prefetch only changes which experts sit in slots, never a result."""
+    model = LoadedModel(tiny_checkpoint, LoadOptions(dtype="float32", expert_cache_slots=slots,
+                                                     num_targets=targets, prefetch=True))
+    assert_close(f"prefetch slots={slots} targets={targets}", _run(model, prefill=70),
+                 reference_logits, FP32_ATOL)
+    counters = model.experts.counters()
+    assert counters["prefetch_issued"] > 0
+    assert counters["prefetch_used"] + counters["prefetch_wasted"] <= counters["prefetch_issued"]
+    model.close()
+
+
+def test_prefetch_is_bit_identical_in_bf16(tiny_checkpoint):
+    plain = LoadedModel(tiny_checkpoint, LoadOptions(dtype="bfloat16", expert_cache_slots=2))
+    prefetched = LoadedModel(tiny_checkpoint, LoadOptions(dtype="bfloat16", expert_cache_slots=2,
+                                                          prefetch=True))
+    assert torch.equal(_run(plain, prefill=70), _run(prefetched, prefill=70))
+    plain.close()
+    prefetched.close()
+
+
+def test_a_perfect_prediction_turns_every_later_layer_miss_into_a_hit(tiny_checkpoint):
+    """With the next layer's true experts predicted (forced routing, no prediction error),
+    every decode use of layer 1 finds its expert already copied; layer 0 still misses."""
+    from engine.bench.measure import TraceRouting
+    from engine.experts.traces import random_trace
+
+    trace = random_trace(40, 2, 8, 2, seed=3)
+    model = LoadedModel(tiny_checkpoint, LoadOptions(dtype="float32", expert_cache_slots=2,
+                                                     prefetch=True))
+    model.decoder.experts = TraceRouting(model.experts, trace, prediction_error=0.0)
+    model.experts.routing_log = []
+    cache = model.decoder.new_cache()
+    for t in range(30):
+        model.forward(model.embed_ids([IDS[t]]), cache)
+    counters = model.experts.counters()
+    assert counters["prefetch_issued"] > 0 and counters["prefetch_wasted"] == 0
+    assert counters["prefetch_used"] == counters["prefetch_issued"]
+    # Every layer-1 use hits, so all misses are layer 0's: at most 2 per token.
+    assert counters["misses"] <= 2 * 30 and counters["hits"] >= 2 * 30
+    model.close()
+
+
+def test_per_layer_slot_counts_from_the_plan(tiny_checkpoint, reference_logits):
+    """The plan may give later layers one slot more than earlier ones; every slot is used."""
+    model = LoadedModel(tiny_checkpoint, LoadOptions(dtype="float32", expert_cache_slots=1,
+                                                     layer_slots=(1, 3)))
+    assert [s.gate_up.shape[0] for s in model.experts.layers] == [1, 3]
+    assert [s.first_slot for s in model.experts.layers] == [0, 1]
+    assert_close("layer slots (1, 3)", _run(model, prefill=70), reference_logits, FP32_ATOL)
+    assert len(model.experts.policy) == 4
+    model.close()
+
+
+def test_grouped_decode_path_passes_the_right_slots_and_scales(tiny_checkpoint, monkeypatch):
+    """The grouped GPU kernel's bookkeeping, on the CPU: each cached expert of a decode step
+    is computed from its own slot with its own scales (the kernel replaced by the eager
+    dequantise path), so the result is bit-identical to the resident engine's."""
+    from engine.experts import fp8_kernel
+    from engine.experts.compute import dequant_expert, expert_forward
+
+    calls = []
+
+    def eager_grouped(x, gate_up_slots, down_slots, slot_ids, gate_up_scales, down_scales):
+        calls.append(len(slot_ids))
+        return torch.stack([expert_forward(x, *dequant_expert(
+            gate_up_slots[s], gate_up_scales[i], down_slots[s], down_scales[i], torch.bfloat16))
+            for i, s in enumerate(slot_ids.tolist())])
+
+    monkeypatch.setattr(fp8_kernel, "grouped_expert_forward", eager_grouped)
+    resident = LoadedModel(tiny_checkpoint, LoadOptions(dtype="bfloat16"))
+    offloaded = LoadedModel(tiny_checkpoint, LoadOptions(dtype="bfloat16", expert_cache_slots=3,
+                                                         host_format="fp8"))
+    for slots in offloaded.experts.layers:
+        slots.use_grouped = True
+    assert torch.equal(_run(resident, prefill=70), _run(offloaded, prefill=70))
+    assert calls and max(calls) <= 2  # top-2: at most both experts of a step from slots
+    offloaded.close()

@@ -11,6 +11,7 @@ from engine.experts.policy import (
     CachePolicy,
     LRFUPolicy,
     LRUPolicy,
+    ShiftLRFUPolicy,
     belady_hit_rate,
     simulate,
 )
@@ -80,7 +81,8 @@ def test_seed_from_prefill_counts() -> None:
     counts = np.zeros((2, 8))
     counts[0, [1, 2, 3]] = [10, 50, 5]
     counts[1, [4, 7]] = [3, 9]
-    for policy in (LRUPolicy(slots_per_layer=[2, 1]), LRFUPolicy(slots_per_layer=[2, 1])):
+    for policy in (LRUPolicy(slots_per_layer=[2, 1]), LRFUPolicy(slots_per_layer=[2, 1]),
+                   ShiftLRFUPolicy(slots_per_layer=[2, 1])):
         policy.seed(counts)
         assert set(policy.resident()) == {(0, 2), (0, 1), (1, 7)}
         assert policy.lookup((0, 2)) is not None and policy.num_hits == 1
@@ -94,6 +96,33 @@ def test_lrfu_seeded_scores_protect_prefill_hot_experts() -> None:
     lrfu = LRFUPolicy(capacity=1, half_life=16)
     lrfu.seed({A: 100})
     assert run(lrfu, [B, C, A]) == [False, False, True]
+
+
+def test_shift_lrfu_forgets_the_old_section_at_once() -> None:
+    E, F = (0, 4), (0, 5)
+    keys = [A, B] * 20 + [C, D, E, F] + [C, D] * 3  # a steady section, then a new one
+    shift = ShiftLRFUPolicy(slots_per_layer=[2], half_life=8, novelty_window=4)
+    hits = run(shift, keys)
+    assert hits[:2] == [False, False] and all(hits[2:40])
+    # Four novel uses in a row pass the CUSUM (4 x 1.05 > 3.75 nats) at F: the clock jumps,
+    # so F, then C and D (now hotter than the old, faded A and B) take the slots.
+    assert hits[40:] == [False] * 6 + [True] * 4
+    assert shift.num_shifts == 1 and set(shift.resident()) == {C, D}
+    assert (shift.num_bypasses, shift.num_evictions) == (3, 3)  # C, D, E bypassed first
+    lrfu = LRFUPolicy(slots_per_layer=[2], half_life=8)  # the same decay, no detector
+    assert not any(run(lrfu, keys)[40:])  # C and D never catch up with A and B in time
+
+
+def test_shift_lrfu_keeps_steady_routing_and_its_hot_keys() -> None:
+    shift = ShiftLRFUPolicy(slots_per_layer=[1], half_life=8, novelty_window=4)
+    keys = [A, A, A, B, A, C, A, D, A] * 3  # one-offs at a steady rate are no shift
+    hits = run(shift, keys)
+    assert sum(hits) == 17 and shift.num_shifts == 0  # every A but the first
+    assert hits == run(LRFUPolicy(slots_per_layer=[1], half_life=8), keys)
+    assert shift.resident() == {A: 0}
+    pool = ShiftLRFUPolicy(capacity=4)
+    run(pool, [(3, 0), (0, 1)])  # a global pool scales its threshold to the layers seen
+    assert pool._limit == pytest.approx(3.75 + 1.35 * np.log(4))
 
 
 def test_belady_exact_and_bypass_matters() -> None:
@@ -133,7 +162,8 @@ def test_belady_bounds_online_policies(synthetic: np.ndarray, uniform: np.ndarra
         optimum = belady_hit_rate(trace, slots)
         assert optimum >= belady_hit_rate(trace, slots, bypass=False)
         for policy in (LRUPolicy(slots_per_layer=[slots] * 36),
-                       LRFUPolicy(slots_per_layer=[slots] * 36)):
+                       LRFUPolicy(slots_per_layer=[slots] * 36),
+                       ShiftLRFUPolicy(slots_per_layer=[slots] * 36)):
             assert simulate(policy, trace) <= optimum
 
 
@@ -148,6 +178,24 @@ def test_lrfu_beats_lru_and_nears_belady_on_the_synthetic_trace(synthetic: np.nd
         assert lrfu >= min_of_belady * optimum, (slots, lrfu, optimum)
 
 
+def test_shift_lrfu_nears_belady_on_the_calibrated_trace() -> None:
+    # The acceptance setting: 21 slots per layer, 64 warm-up tokens, then 256 measured
+    # against Belady with bypass from a cold start. Measured (2 layers, seeds 0-3, mean):
+    # ShiftLRFU 0.827 of Belady, LRFU 0.809 (36 layers, seeds 0-15: 0.824 vs 0.782).
+    ratios: dict[type, list[float]] = {ShiftLRFUPolicy: [], LRFUPolicy: []}
+    for seed in range(4):
+        trace = synthetic_trace(320, 2, 128, 4, seed=seed)
+        optimum = belady_hit_rate(trace[64:], 21)
+        for cls, found in ratios.items():
+            policy = cls(slots_per_layer=[21, 21])
+            simulate(policy, trace[:64])
+            found.append(simulate(policy, trace[64:]) / optimum)
+    new, old = np.mean(ratios[ShiftLRFUPolicy]), np.mean(ratios[LRFUPolicy])
+    assert new >= 0.815, ratios
+    assert new >= old + 0.01, ratios
+    assert min(ratios[ShiftLRFUPolicy]) >= 0.78, ratios
+
+
 def test_global_pool_lrfu_beats_lru(synthetic: np.ndarray) -> None:
     short = synthetic[:800]
     lru = simulate(LRUPolicy(capacity=19 * 36), short)
@@ -157,7 +205,8 @@ def test_global_pool_lrfu_beats_lru(synthetic: np.ndarray) -> None:
 
 
 def test_random_routing_gives_every_policy_the_cache_fraction(uniform: np.ndarray) -> None:
-    for policy in (LRUPolicy(slots_per_layer=[19] * 36), LRFUPolicy(slots_per_layer=[19] * 36)):
+    for policy in (LRUPolicy(slots_per_layer=[19] * 36), LRFUPolicy(slots_per_layer=[19] * 36),
+                   ShiftLRFUPolicy(slots_per_layer=[19] * 36)):
         assert simulate(policy, uniform) == pytest.approx(19 / 128, abs=0.02)
 
 
@@ -173,5 +222,35 @@ def test_simulation_is_fast_enough() -> None:
     trace = random_trace(2000, 36, 128, 4, seed=0)
     start = time.perf_counter()
     simulate(LRFUPolicy(slots_per_layer=[19] * 36), trace)
+    simulate(ShiftLRFUPolicy(slots_per_layer=[19] * 36), trace)  # ~1.5 us per use vs ~1.0
     belady_hit_rate(trace, 19)
-    assert time.perf_counter() - start < 6.0  # ~1.5 s here; the brief asks for a couple
+    assert time.perf_counter() - start < 8.0  # ~1.5 s here; the brief asks for a couple
+
+
+@pytest.mark.parametrize("make", [lambda: LRUPolicy(slots_per_layer=[2]),
+                                  lambda: LRFUPolicy(slots_per_layer=[2]),
+                                  lambda: ShiftLRFUPolicy(slots_per_layer=[2])],
+                         ids=["lru", "lrfu", "shift"])
+def test_prefetch_admission_evicts_the_lowest_but_never_the_same_prediction(make) -> None:
+    policy = make()
+    for key in [(0, 1), (0, 2), (0, 1), (0, 2), (0, 1)]:  # 1 and 2 resident and hot
+        policy.access(key)
+    hits, misses = policy.num_hits, policy.num_misses
+    # A newcomer that a demand miss would bypass (LRFU: its score is below both residents')
+    # still gets a slot when predicted; the second prediction may not evict the first.
+    predicted = {(0, 5), (0, 6)}
+    first = policy.admit_prefetch((0, 5), keep=predicted)
+    assert first is not None and first[1] in {(0, 1), (0, 2)}
+    second = policy.admit_prefetch((0, 6), keep=predicted)
+    assert second is not None and second[1] in {(0, 1), (0, 2)} and second[1] != first[1]
+    assert policy.admit_prefetch((0, 7), keep=predicted | {(0, 7)}) is None  # only kept residents
+    assert policy.admit_prefetch((0, 5)) is None  # already resident: nothing to copy
+    assert (0, 5) in policy and (0, 6) in policy and len(policy) == 2
+    assert (policy.num_hits, policy.num_misses) == (hits, misses)  # not a use
+    assert policy.lookup((0, 5)) is not None and policy.num_hits == hits + 1
+
+
+def test_prefetch_admission_needs_slots() -> None:
+    policy = LRFUPolicy(slots_per_layer=[0, 2])
+    assert policy.admit_prefetch((0, 3)) is None
+    assert policy.admit_prefetch((1, 3)) == (0, None)  # layer 1's first free slot (global id 0)
