@@ -97,8 +97,10 @@ def run_suite(out_dir: Path, quick: bool, model: Path | None,
             met = value is not None and (value >= goal if op == ">=" else value <= goal)
             summary.append({"config": name, "figure": what, "value": value, "target": f"{op} {goal}",
                             "met": met, "error": proc.stderr[-500:] if proc.returncode else ""})
-    (out_dir / f"summary{'-' + '-'.join(only) if only else ''}.json").write_text(
-        json.dumps(summary, indent=2))
+        # Written after every configuration: a run cut short (a device call's time limit)
+        # still leaves the figures measured so far.
+        (out_dir / f"summary{'-' + '-'.join(only) if only else ''}.json").write_text(
+            json.dumps(summary, indent=2))
     return summary
 
 
