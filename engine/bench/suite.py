@@ -28,6 +28,10 @@ FULL = [
                           "--prefill", "", "--tokens", "256", "--warmup", "64"],
      [("results.0.avg_ts", ">=", 40.0, "decode tok/s, calibrated trace, 24 GiB"),
       ("results.0.hit_rate_over_belady", ">=", 0.8, "hit rate / Belady with bypass")]),
+    # Prefetch stays off by default unless this beats decode-24g-trace (prior art: 0-14%).
+    ("decode-24g-trace-prefetch", ["--gpu-budget", "24GiB", "--routing", "synthetic", "--depth", "0",
+                                   "--prefill", "", "--tokens", "256", "--warmup", "64", "--prefetch"],
+     [("results.0.avg_ts", ">=", 40.0, "decode tok/s, calibrated trace, 24 GiB, prefetch on")]),
     ("decode-70g", ["--gpu-budget", "70GiB", "--routing", "random", "--depth", "0", "--prefill", ""],
      [("results.0.avg_ts", ">=", 30.0, "decode tok/s, random routing, 70 GiB")]),
     ("decode-70g-trace", ["--gpu-budget", "70GiB", "--routing", "synthetic", "--depth", "0",
