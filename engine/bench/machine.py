@@ -40,13 +40,15 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def pcie_bandwidth(num_bytes: int = 256 << 20) -> float | None:
-    """Pinned host -> GPU copy bandwidth in bytes/s (None without CUDA)."""
+def pcie_bandwidth(num_bytes: int = 256 << 20, device: torch.device | str = "cuda") -> float | None:
+    """Pinned host -> GPU copy bandwidth in bytes/s (None without CUDA); each GPU has its own
+    link, so the one the layers use is measured (current device: _timed synchronises it)."""
     if not torch.cuda.is_available():
         return None
-    host = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
-    return num_bytes / _timed(lambda: dev.copy_(host, non_blocking=True))
+    with torch.cuda.device(torch.device(device)):
+        host = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
+        dev = torch.empty(num_bytes, dtype=torch.uint8, device=device)
+        return num_bytes / _timed(lambda: dev.copy_(host, non_blocking=True))
 
 
 def hbm_bandwidth(num_bytes: int = 1 << 30) -> float | None:

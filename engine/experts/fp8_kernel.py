@@ -25,6 +25,7 @@ S cache slots, n experts selected for the token(s), e one of them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -118,6 +119,14 @@ def _launch(x: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor,
         raise ValueError("expert kernel needs K-contiguous weights and inputs")
     y = torch.empty((n, m, out_rows), dtype=torch.bfloat16, device=x.device)
     grid = (triton.cdiv(out_rows, BLOCK_N), n)
+    # Triton launches on the current device's current stream, not on the tensors' device:
+    # layers on a second GPU would otherwise launch on cuda:0 (or fail its pointer check).
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _launch_kernel(grid, x, weights, y, scales, slot_ids, m, out_rows, k, gated)
+    return y
+
+
+def _launch_kernel(grid, x, weights, y, scales, slot_ids, m, out_rows, k, gated) -> None:
     _expert_matmul_kernel[grid](
         x, weights, y, scales, scales if slot_ids is None else slot_ids, m, out_rows, k,
         x.stride(0) if x.dim() == 3 else 0, x.stride(-2), weights.stride(0), weights.stride(1),
@@ -125,7 +134,6 @@ def _launch(x: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor,
         ROW_SCALES=scales.dim() == 2, DOT_DTYPE=tl.float32 if INTERPRETED else tl.bfloat16,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS,
         num_stages=NUM_STAGES, enable_fp_fusion=ENABLE_FP_FUSION)
-    return y
 
 
 def _scales(scale: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -50,7 +50,9 @@ class LayerSlots:
         # blocking copy; one buffer per layer is reused only after the next token's routing
         # wait, by which time its previous copy has long finished.
         pinned = device.type == "cuda"
-        self._ids = torch.empty((2, host.gate_up.shape[0]), dtype=torch.int32, pin_memory=pinned)
+        # Flat, so a step's ids are one contiguous run (a strided one would be staged through
+        # a pageable temporary, a blocking copy).
+        self._ids = torch.empty(2 * host.gate_up.shape[0], dtype=torch.int32, pin_memory=pinned)
 
     def fill(self, slot: int, expert: int) -> int:
         """Copy expert's weights from the host store into a slot; returns the bytes moved."""
@@ -80,9 +82,9 @@ class LayerSlots:
         the step in one grouped kernel call."""
         experts = sorted(in_slot)
         n = len(experts)
-        self._ids[0, :n] = torch.tensor([in_slot[e] - self.first_slot for e in experts], dtype=torch.int32)
-        self._ids[1, :n] = torch.tensor(experts, dtype=torch.int32)
-        ids = self._ids[:, :n].to(self.device, non_blocking=True)
+        self._ids[:n] = torch.tensor([in_slot[e] - self.first_slot for e in experts], dtype=torch.int32)
+        self._ids[n : 2 * n] = torch.tensor(experts, dtype=torch.int32)
+        ids = self._ids[: 2 * n].to(self.device, non_blocking=True).view(2, n)
         scales = [s.index_select(0, ids[1]) for s in (self.gate_up_scale, self.down_scale)]
         out = fp8_kernel.grouped_expert_forward(x, self.gate_up, self.down, ids[0], *scales)
         return {e: out[i] for i, e in enumerate(experts)}  # [n, 1, H] -> [1, H] each
@@ -105,6 +107,8 @@ class OffloadedExperts:
         cfg = ckpt.config
         self.dtype = dtype
         self.num_experts = cfg.n_routed_experts
+        if host_mode == "pinned" and all(d.type != "cuda" for d in layer_devices):
+            host_mode = "ram"  # page-locking ~110 GB helps only copies to a GPU
         self.store = HostExpertStore(ckpt, host_mode, host_format, progress)
         if isinstance(slots_per_layer, int):
             slots_per_layer = [slots_per_layer] * cfg.num_hidden_layers
@@ -126,15 +130,17 @@ class OffloadedExperts:
         # Prefetch (engine.experts.prefetch): the decoder tells us layer i+1's predicted experts
         # before layer i runs (`expect`), and layer i queues their copies behind its own.
         self.prefetcher = SlotPrefetcher() if prefetch else None
-        self._expected: tuple[int, list[int]] | None = None
+        self._expected: tuple[int, torch.Tensor] | None = None
 
     @property
     def prefetch_enabled(self) -> bool:
         return self.prefetcher is not None
 
     def expect(self, layer: int, predicted_idx: torch.Tensor) -> None:
-        """The experts `layer` is predicted to choose for the next decode token."""
-        self._expected = (layer, sorted(set(predicted_idx.flatten().tolist())))
+        """The experts `layer` is predicted to choose for the next decode token. Read only after
+        the current layer's routing wait (by then it is computed): reading it now would add a
+        second wait on the GPU per layer."""
+        self._expected = (layer, predicted_idx)
 
     # ------------------------------------------------------------------ expert backend
     def forward(self, layer: int, x: torch.Tensor, top_idx: torch.Tensor,
@@ -206,10 +212,10 @@ class OffloadedExperts:
         expected, self._expected = self._expected, None
         if expected is None or expected[0] != layer + 1 or layer + 1 >= len(self.layers):
             return
-        target = expected[0]
-        predicted = {(target, e) for e in expected[1]}
+        target, experts = expected[0], sorted(set(expected[1].flatten().tolist()))
+        predicted = {(target, e) for e in experts}
         fills = []
-        for expert in expected[1]:
+        for expert in experts:
             admitted = self.policy.admit_prefetch((target, expert), keep=predicted)
             if admitted is not None:
                 fills.append((admitted[0], expert))

@@ -48,7 +48,7 @@ def load_or_measure(device: torch.device, host_format: str, hidden: int, width: 
             return MachineProfile(**stored[key])
     except (OSError, ValueError, TypeError):
         stored = {}
-    profile = MachineProfile(pcie_bandwidth() or 0.0,
+    profile = MachineProfile(pcie_bandwidth(device=device) or 0.0,
                              cpu_expert_bandwidth(hidden, width, dtype, host_format), key)
     stored[key] = asdict(profile)
     try:

@@ -76,8 +76,10 @@ class LatentKVCache:
             if lat is None or rope is None:
                 lat = torch.zeros(0, self.kv_lora_rank, dtype=self.dtype)
                 rope = torch.zeros(0, self.rope_dim, dtype=self.dtype)
-            out[f"latent.{layer}"] = lat[:n].cpu().contiguous()
-            out[f"k_rope.{layer}"] = rope[:n].cpu().contiguous()
+            # A copy even on the CPU: the snapshot is written in the background while the
+            # live cache may be trimmed and overwritten.
+            out[f"latent.{layer}"] = lat[:n].to("cpu", copy=True).contiguous()
+            out[f"k_rope.{layer}"] = rope[:n].to("cpu", copy=True).contiguous()
         return out
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:

@@ -107,7 +107,9 @@ def _routes(top_idx: torch.Tensor, device: torch.device
             ) -> dict[int, tuple[torch.Tensor | None, torch.Tensor | int]]:
     """expert -> (token indices, or None for the single decode token; slot(s) of the choice).
 
-    Decode uses plain ints, so no index tensor is copied to the GPU (a blocking transfer).
+    Decode uses plain ints, so no index tensor is copied to the GPU; several tokens send all
+    experts' indices in one page-locked, non-blocking copy (one blocking copy per expert would
+    drain the GPU's queue up to 256 times per layer of a prefill chunk).
     """
     ids = top_idx.tolist()  # [T][K] on the host: one transfer per layer (none if already there)
     if len(ids) == 1:
@@ -118,8 +120,18 @@ def _routes(top_idx: torch.Tensor, device: torch.device
             tokens, slots = found.setdefault(e, ([], []))
             tokens.append(t)
             slots.append(k)
-    return {e: (torch.tensor(found[e][0], device=device), torch.tensor(found[e][1], device=device))
-            for e in sorted(found)}
+    experts = sorted(found)
+    tokens = [t for e in experts for t in found[e][0]]
+    flat = torch.tensor(tokens + [k for e in experts for k in found[e][1]], dtype=torch.long)
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    token_idx, slot_idx = flat[: len(tokens)], flat[len(tokens) :]
+    routes, start = {}, 0
+    for e in experts:
+        end = start + len(found[e][0])
+        routes[e] = (token_idx[start:end], slot_idx[start:end])
+        start = end
+    return routes
 
 
 def _weights(top_weights: torch.Tensor, token_idx: torch.Tensor | None, slot):

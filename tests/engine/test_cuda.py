@@ -98,3 +98,34 @@ def test_fp8_kernel_matches_the_eager_path():
             ours = fp8_kernel.fp8_expert_forward(x, w1, w1_s, w2, w2_s)
             ref = expert_forward(x, *dequant_expert(w1, w1_s, w2, w2_s, torch.bfloat16))
             assert_close(f"{name} kernel t={tokens}", ours, ref, 0.02 * float(ref.abs().max()))
+
+
+def test_cuda_bf16_offload_with_prefetch_and_grouped_kernel(tiny_checkpoint):
+    """The decode path a 24 GB card runs: bf16, FP8 slots through the grouped kernel, next-layer
+    prefetch on a side stream, CPU misses; logits as close to the resident GPU engine as bf16
+    parity allows (the kernel's summation order differs)."""
+    resident = LoadedModel(tiny_checkpoint, LoadOptions(device="cuda", dtype="bfloat16"))
+    expected = _logits(resident)
+    resident.close()
+    model = LoadedModel(tiny_checkpoint, LoadOptions(device="cuda", dtype="bfloat16",
+                                                     expert_cache_slots=2, host_format="fp8",
+                                                     prefetch=True))
+    assert all(slots.use_grouped for slots in model.experts.layers), "grouped kernel disabled"
+    assert_close("cuda bf16 offload+prefetch", _logits(model), expected, 0.25, mean_atol=0.03)
+    counters = model.experts.counters()
+    assert counters["prefetch_issued"] > 0 and counters["hits"] > 0
+    model.close()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_gpus_split_layers_and_keep_the_kernels(tiny_checkpoint, reference_logits):
+    """Layers on cuda:1 launch their Triton kernels there (not on the current device)."""
+    model = LoadedModel(tiny_checkpoint, LoadOptions(device="cuda", dtype="float32", gpus=(0, 1),
+                                                     expert_cache_slots=2))
+    assert [d.index for d in model.layer_devices] == [0, 1]
+    assert_close("two gpus", _logits(model), reference_logits, 1e-3)
+    model.close()
+    bf16 = LoadedModel(tiny_checkpoint, LoadOptions(device="cuda", dtype="bfloat16", gpus=(0, 1),
+                                                    expert_cache_slots=2, host_format="fp8"))
+    assert all(slots.use_grouped for slots in bf16.experts.layers)
+    bf16.close()
