@@ -18,6 +18,7 @@ from engine.checkpoint import Checkpoint
 from engine.errors import InputError
 from engine.images import IMG
 from engine.kv.cache import LatentKVCache
+from engine.model.decode_graph import DecodeSteps
 from engine.model.decoder import DecoderModel
 
 ProgressFn = Callable[[int, int], None]
@@ -40,6 +41,7 @@ class LoadOptions:
     host_format: str = "fp8"
     prefetch: bool = False  # copy layer i+1's predicted experts while layer i runs (offload only)
     policy: str = "shift"  # expert-cache replacement: "shift" | "lrfu" | "lru" (engine.experts.policy)
+    cuda_graphs: bool = True  # GPU decode: each layer's dense part as one CUDA graph
     snapshot_dir: Path | None = None  # where session prefixes are saved; None = not saved
     snapshot_min_tokens: int = 1024  # shorter prefixes are cheaper to re-read than to restore
     snapshot_budget_bytes: int = 20 * 2**30
@@ -81,6 +83,8 @@ class LoadedModel:
             progress(self.config.num_hidden_layers, 2 * self.config.num_hidden_layers)
         self.decoder = DecoderModel(self.ckpt, self.dtype, self.layer_devices, self.experts,
                                     half(self.config.num_hidden_layers))
+        if opts.cuda_graphs and any(d.type == "cuda" for d in self.layer_devices):
+            self.decoder.decode_steps = DecodeSteps(self.decoder, use_graphs=True)
         self._formatter: ChatFormatter | None = None
         self.context_length = min(opts.context_length, self.config.max_position_embeddings)
         self._vision = None

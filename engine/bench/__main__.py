@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-mode", choices=("pinned", "mmap"), default="pinned",
                    help="host expert store (the plan's choice for 36 layers is in 'plan')")
     p.add_argument("--prefetch", action="store_true", help="next-layer expert prefetch on")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="decode eagerly (default: each layer's dense part as a CUDA graph)")
     p.add_argument("--policy", choices=("shift", "lrfu", "lru"), default="shift",
                    help="expert-cache replacement policy")
     p.add_argument("--prefetch-error", type=float, default=0.15,
@@ -90,7 +92,7 @@ def load_model(args: argparse.Namespace):
     opts = LoadOptions(device=device, dtype=args.dtype, context_length=context,
                        expert_cache_slots=args.expert_cache_slots, num_targets=args.targets,
                        gpus=gpus, host_format=args.host_format, prefetch=args.prefetch,
-                       policy=args.policy)
+                       policy=args.policy, cuda_graphs=not args.no_cuda_graphs)
     ckpt = Checkpoint.open(folder)
     budget = parse_bytes(args.gpu_budget) if args.gpu_budget else None
     plan_summary = ""
@@ -166,6 +168,8 @@ def run(args: argparse.Namespace) -> dict:
         out["results"].append(followup_run(model, depth, args.question_tokens, args.chunk,
                                            args.work_dir / "snapshots", head_s, REAL_LAYERS))
     out["host_format"] = model.opts.host_format
+    steps = model.decoder.decode_steps
+    out["cuda_graphs"] = steps is not None and not steps.failed
     out["ceiling"] = ceiling(out["machine"], decode[0] if decode else None, cfg, args,
                              model.opts.host_format)
     if args.baseline == "hf":

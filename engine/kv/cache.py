@@ -54,6 +54,17 @@ class LatentKVCache:
         rope_buf[self.offset : end] = k_rope
         return lat_buf[:end], rope_buf[:end]
 
+    def buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's whole (latent [cap, C], k_rope [cap, R]) buffers, for a decode step that
+        writes at a position held on the device (engine.model.decode_graph); reserve first."""
+        lat_buf, rope_buf = self._latent[layer], self._rope[layer]
+        assert lat_buf is not None and rope_buf is not None, "reserve() before buffers()"
+        return lat_buf, rope_buf
+
+    def buffer_ids(self) -> tuple[int, ...]:
+        """Where the buffers live now: a captured decode step is valid while this is unchanged."""
+        return tuple(0 if b is None else b.data_ptr() for b in self._latent + self._rope)
+
     def commit(self, num_new: int) -> None:
         """Called once all layers have written the T new tokens."""
         self.offset += num_new

@@ -69,16 +69,8 @@ class AttentionWeights:
 def mla_attention(cfg: ModelConfig, w: AttentionWeights, x: torch.Tensor, tables: PositionTables,
                   cache: LatentKVCache, layer: int, absorb: bool | None = None) -> torch.Tensor:
     """x: [T, H] normed hidden states of the T tokens after the cache's; returns [T, H]."""
-    n, d, r, c = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
-    num_tokens = x.shape[0]
-    q = F.linear(rms_norm(F.linear(x, w.q_a_proj), w.q_a_layernorm, cfg.rms_norm_eps), w.q_b_proj)
-    # Split without keeping a name for q: its buffer is freed once both halves are rescaled.
-    q_nope, q_pe = q.view(num_tokens, n, d + r).split([d, r], dim=-1)  # [T, N, D], [T, N, R]
-    del q
-    compressed = F.linear(x, w.kv_a_proj_with_mqa)  # [T, C+R]
-    kv_latent = rms_norm(compressed[:, :c], w.kv_a_layernorm, cfg.rms_norm_eps)  # [T, C]
-    q_pe = apply_interleaved(q_pe, tables.cos, tables.sin)  # [T, N, R]
-    k_pe = apply_interleaved(compressed[:, c:], tables.cos, tables.sin)  # [T, R]
+    n, num_tokens = cfg.num_attention_heads, x.shape[0]
+    q_nope, q_pe, kv_latent, k_pe = project(cfg, w, x, tables.cos, tables.sin)
     latent_all, k_pe_all = cache.update_and_fetch(layer, kv_latent, k_pe)  # [S, C], [S, R]
     q_nope, q_pe = q_nope * tables.q_scale, q_pe * tables.q_scale
     use_absorbed = num_tokens <= ABSORB_MAX_TOKENS if absorb is None else absorb
@@ -87,6 +79,23 @@ def mla_attention(cfg: ModelConfig, w: AttentionWeights, x: torch.Tensor, tables
     else:
         out = _expanded(cfg, w, q_nope, q_pe, latent_all, k_pe_all, tables.offset)
     return F.linear(out.reshape(num_tokens, n * cfg.v_head_dim), w.o_proj)
+
+
+def project(cfg: ModelConfig, w: AttentionWeights, x: torch.Tensor, cos: torch.Tensor,
+            sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries (q_nope [T, N, D], rotated q_pe [T, N, R]) and the cache entries of the T tokens
+    (normed latent [T, C], rotated k_pe [T, R])."""
+    n, d, r, c = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+    num_tokens = x.shape[0]
+    q = F.linear(rms_norm(F.linear(x, w.q_a_proj), w.q_a_layernorm, cfg.rms_norm_eps), w.q_b_proj)
+    # Split without keeping a name for q: its buffer is freed once both halves are rescaled.
+    q_nope, q_pe = q.view(num_tokens, n, d + r).split([d, r], dim=-1)  # [T, N, D], [T, N, R]
+    del q
+    compressed = F.linear(x, w.kv_a_proj_with_mqa)  # [T, C+R]
+    kv_latent = rms_norm(compressed[:, :c], w.kv_a_layernorm, cfg.rms_norm_eps)  # [T, C]
+    q_pe = apply_interleaved(q_pe, cos, sin)  # [T, N, R]
+    k_pe = apply_interleaved(compressed[:, c:], cos, sin)  # [T, R]
+    return q_nope, q_pe, kv_latent, k_pe
 
 
 def _causal_mask(q_lo: int, q_hi: int, k_lo: int, k_hi: int, device: torch.device) -> torch.Tensor:
@@ -280,25 +289,39 @@ def _mask_block(scores: torch.Tensor, q_lo: int, k_lo: int) -> torch.Tensor:
     return scores
 
 
+def absorbed_block(cfg: ModelConfig, q_latent: torch.Tensor, q_pe: torch.Tensor,
+                   latent: torch.Tensor, k_pe: torch.Tensor, mask: torch.Tensor,
+                   w_uv: torch.Tensor) -> torch.Tensor:
+    """Absorbed attention over keys [S] in one block; mask [T, S] True where a query may attend.
+    -> [T, N, V]."""
+    scores = torch.einsum("tnc,sc->nts", q_latent, latent)  # [N, T, S]
+    scores = scores + torch.einsum("tnr,sr->nts", q_pe, k_pe)  # [N, T, S]
+    scores = scores.float() * cfg.softmax_scale
+    scores = scores.masked_fill(~mask[None], float("-inf"))
+    probs = scores.softmax(dim=-1).to(latent.dtype)  # [N, T, S]
+    out_latent = torch.einsum("nts,sc->tnc", probs, latent)  # [T, N, C]
+    return torch.einsum("tnc,nvc->tnv", out_latent, w_uv)  # [T, N, V]
+
+
+def absorbed_weights(cfg: ModelConfig, w: AttentionWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """kv_b split into the key part folded into queries [N, D, C] and the value part [N, V, C]."""
+    n, d, v, c = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    kv_b = w.kv_b_proj.view(n, d + v, c)
+    return kv_b[:, :d, :], kv_b[:, d:, :]
+
+
 def _absorbed(cfg: ModelConfig, w: AttentionWeights, q_nope: torch.Tensor, q_pe: torch.Tensor,
               latent: torch.Tensor, k_pe: torch.Tensor, offset: int) -> torch.Tensor:
     """Fold kv_b into the query and the output so attention runs on the latent cache directly;
     beyond one key block (16 queries at 256K keys would need ~2 GiB of scores), key blocks."""
-    n, d, v, c = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-    kv_b = w.kv_b_proj.view(n, d + v, c)
-    w_uk, w_uv = kv_b[:, :d, :], kv_b[:, d:, :]  # [N, D, C], [N, V, C]
+    n, c = cfg.num_attention_heads, cfg.kv_lora_rank
+    w_uk, w_uv = absorbed_weights(cfg, w)  # [N, D, C], [N, V, C]
     q_latent = torch.einsum("tnd,ndc->tnc", q_nope, w_uk)  # [T, N, C]
     num_tokens, num_keys = q_nope.shape[0], latent.shape[0]
     key_block = key_block_size(cfg, num_tokens, latent.dtype, absorbed=True)
     if num_keys <= key_block:  # one key block: the plain path, as before key blocking
-        scores = torch.einsum("tnc,sc->nts", q_latent, latent)  # [N, T, S]
-        scores = scores + torch.einsum("tnr,sr->nts", q_pe, k_pe)  # [N, T, S]
-        scores = scores.float() * cfg.softmax_scale
         mask = _causal_mask(offset, offset + num_tokens, 0, num_keys, latent.device)
-        scores = scores.masked_fill(~mask[None], float("-inf"))
-        probs = scores.softmax(dim=-1).to(latent.dtype)  # [N, T, S]
-        out_latent = torch.einsum("nts,sc->tnc", probs, latent)  # [T, N, C]
-        return torch.einsum("tnc,nvc->tnv", out_latent, w_uv)  # [T, N, V]
+        return absorbed_block(cfg, q_latent, q_pe, latent, k_pe, mask, w_uv)
     merge = _RunningSoftmax(latent, n, num_tokens, c)
     for k_lo in range(0, num_keys, key_block):
         k_hi = min(k_lo + key_block, num_keys)

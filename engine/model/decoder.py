@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from engine.checkpoint import Checkpoint
 from engine.kv.cache import LatentKVCache
 from engine.model.attention import AttentionWeights, PositionTables, mla_attention
+from engine.model.decode_graph import DecodeSteps
 from engine.model.layers import rms_norm
 from engine.model.moe import ExpertBackend, MoEWeights, moe_block, route
 from engine.model.names import TEXT, attention_linears, layer_prefix
@@ -82,6 +83,9 @@ class DecoderModel:
         self.norm = ckpt.get(f"{TEXT}.norm.weight").to(dtype=dtype, device=last)
         self.lm_head = ckpt.get("language_model.lm_head.weight").to(dtype=dtype, device=last)
         self.ropes = {dev: Rope(cfg, dev) for dev in set(layer_devices)}
+        # Set by the runtime on GPU loads: single-token steps in the static form, captured as
+        # CUDA graphs (engine.model.decode_graph); None = the ordinary path.
+        self.decode_steps: DecodeSteps | None = None
 
     def _predict_next_layer(self, i: int, h: torch.Tensor) -> None:
         """Layer i+1's router applied to layer i's residual stream (which changes little from
@@ -108,6 +112,9 @@ class DecoderModel:
         Returns logits [1, V] for the last token (`logits_for="last"`) or [T, V] ("all").
         """
         num_tokens = embeds.shape[0]
+        steps = self.decode_steps
+        if num_tokens == 1 and steps is not None and not steps.failed:
+            return self._decode_static(embeds, cache, steps, should_stop)
         tables: dict[torch.device, PositionTables] = {}  # made once per device, not per layer
         h = embeds
         for i, layer in enumerate(self.layers):
@@ -124,7 +131,29 @@ class DecoderModel:
                 self._predict_next_layer(i, h)
             h = h + moe_block(self.cfg, layer.moe, x, i, self.experts)
         cache.commit(num_tokens)
+        return self._logits(h, logits_for)
+
+    def _logits(self, h: torch.Tensor, logits_for: str) -> torch.Tensor:
         h = h.to(self.norm.device)
         if logits_for == "last":
             h = h[-1:]
         return F.linear(rms_norm(h, self.norm, self.cfg.rms_norm_eps), self.lm_head)
+
+    def _decode_static(self, embeds: torch.Tensor, cache: LatentKVCache, steps: DecodeSteps,
+                       should_stop: Callable[[], bool] | None) -> torch.Tensor:
+        """One token through the static decode steps; the routed experts between them as usual."""
+        steps.begin(cache)
+        prefetch = getattr(self.experts, "prefetch_enabled", False)
+        h = embeds
+        for i, layer in enumerate(self.layers):
+            if should_stop is not None and should_stop():
+                raise InterruptedError
+            h = h.to(layer.device)
+            nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
+            out = steps.run(i, h, predict=prefetch and nxt is not None and nxt.device == layer.device)
+            if out.predicted is not None:
+                self.experts.expect(i + 1, out.predicted)
+            routed = self.experts.forward(i, out.x, out.top_idx, out.top_weights)
+            h = out.h + (routed + out.shared)
+        cache.commit(1)
+        return self._logits(h, "last")

@@ -129,3 +129,25 @@ def test_two_gpus_split_layers_and_keep_the_kernels(tiny_checkpoint, reference_l
                                                     expert_cache_slots=2, host_format="fp8"))
     assert all(slots.use_grouped for slots in bf16.experts.layers)
     bf16.close()
+
+
+def test_cuda_graph_decode_matches_eager_decode(tiny_checkpoint):
+    """Each layer's dense part captured as a CUDA graph: the same greedy tokens and logits as
+    eager decode, through a cache regrowth (which recaptures), without falling back."""
+    from engine.kv.cache import MIN_CAPACITY
+    from tests.engine.test_decode_graph import _decode
+
+    prompt = list(range(100, 100 + MIN_CAPACITY - 6))
+    results = []
+    for graphs in (False, True):
+        model = LoadedModel(tiny_checkpoint, LoadOptions(device="cuda", dtype="float32",
+                                                         expert_cache_slots=2, cuda_graphs=graphs))
+        results.append(_decode(model, prompt, 12))
+        if graphs:
+            steps = model.decoder.decode_steps
+            assert steps is not None and not steps.failed
+            assert len(steps._captured) == model.config.num_hidden_layers
+        model.close()
+    (eager, eager_ids), (graphed, graphed_ids) = results
+    assert graphed_ids == eager_ids
+    assert_close("cuda graphs", graphed.cpu(), eager.cpu(), 1e-3)

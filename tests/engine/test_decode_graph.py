@@ -1,0 +1,60 @@
+"""The static decode step that CUDA graphs capture (engine.model.decode_graph), run eagerly on
+the CPU: the same logits as the ordinary decode path, through cache growth, offloaded experts
+and prefetch. Tolerance: fp32, 1e-4 on logits (attention over the whole capacity with later
+keys masked sums in another order; the masked probabilities are exactly 0)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.kv.cache import MIN_CAPACITY
+from engine.model.decode_graph import DecodeSteps
+from engine.runtime import LoadedModel, LoadOptions
+from tests.helpers.assert_close import assert_close
+
+FP32_ATOL = 1e-4
+
+
+def _decode(model: LoadedModel, prompt: list[int], steps: int) -> tuple[torch.Tensor, list[int]]:
+    """Prefill `prompt`, then `steps` greedy tokens one at a time: (their logits, their ids)."""
+    cache = model.decoder.new_cache()
+    logits = model.forward(model.embed_ids(prompt), cache)
+    outs, ids = [], []
+    for _ in range(steps):
+        token = int(logits[-1].argmax())
+        ids.append(token)
+        logits = model.forward(model.embed_ids([token]), cache)
+        outs.append(logits)
+    return torch.cat(outs), ids
+
+
+@pytest.mark.parametrize("slots", [None, 2], ids=["resident", "offloaded"])
+def test_static_steps_match_the_ordinary_path_across_cache_growth(tiny_checkpoint, slots):
+    prompt = list(range(100, 100 + MIN_CAPACITY - 6))  # the cache grows a few tokens in
+    plain = LoadedModel(tiny_checkpoint, LoadOptions(dtype="float32", expert_cache_slots=slots))
+    expected, expected_ids = _decode(plain, prompt, 12)
+    model = LoadedModel(tiny_checkpoint, LoadOptions(dtype="float32", expert_cache_slots=slots,
+                                                     prefetch=slots is not None))
+    model.decoder.decode_steps = DecodeSteps(model.decoder, use_graphs=False)
+    ours, ids = _decode(model, prompt, 12)
+    assert ids == expected_ids
+    assert_close(f"static decode slots={slots}", ours, expected, FP32_ATOL)
+    if slots is not None:
+        assert model.experts.counters()["prefetch_issued"] > 0  # predictions came from the step
+        model.close()
+        plain.close()
+
+
+def test_static_steps_split_over_two_targets(tiny_checkpoint):
+    plain = LoadedModel(tiny_checkpoint, LoadOptions(dtype="float32", num_targets=2))
+    expected, _ = _decode(plain, [1, 306, 4658, 278], 6)
+    model = LoadedModel(tiny_checkpoint, LoadOptions(dtype="float32", num_targets=2))
+    model.decoder.decode_steps = DecodeSteps(model.decoder, use_graphs=False)
+    assert_close("static decode, two targets", _decode(model, [1, 306, 4658, 278], 6)[0], expected,
+                 FP32_ATOL)
+
+
+def test_graphs_are_only_asked_for_on_gpus(tiny_checkpoint):
+    model = LoadedModel(tiny_checkpoint, LoadOptions(dtype="float32", cuda_graphs=True))
+    assert model.decoder.decode_steps is None  # CPU: the ordinary path
