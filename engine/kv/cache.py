@@ -61,9 +61,16 @@ class LatentKVCache:
         assert lat_buf is not None and rope_buf is not None, "reserve() before buffers()"
         return lat_buf, rope_buf
 
-    def buffer_ids(self) -> tuple[int, ...]:
-        """Where the buffers live now: a captured decode step is valid while this is unchanged."""
-        return tuple(0 if b is None else b.data_ptr() for b in self._latent + self._rope)
+    def buffer_ids(self) -> tuple[tuple[int, int], ...]:
+        """Where the buffers live and how long they are: a captured decode step is valid for
+        any cache whose buffers match (it knows addresses, not cache objects)."""
+        return tuple((0, 0) if b is None else (b.data_ptr(), b.shape[0])
+                     for b in self._latent + self._rope)
+
+    @property
+    def capacity(self) -> int:
+        """Entries the smallest layer buffer holds (0 before the first write)."""
+        return min((0 if b is None else b.shape[0]) for b in self._latent)
 
     def commit(self, num_new: int) -> None:
         """Called once all layers have written the T new tokens."""

@@ -30,6 +30,8 @@ from engine.model.layers import gated_mlp, rms_norm
 from engine.model.moe import route
 
 log = logging.getLogger(__name__)
+# Attending the whole capacity costs nothing next to the rest of a step up to this many keys.
+STATIC_MIN_CAPACITY = 4096
 
 
 @dataclass
@@ -89,13 +91,21 @@ class DecodeSteps:
                      for dev in set(decoder.layer_devices)}
         self._captured: dict[int, _Captured] = {}
         self._pools: dict[torch.device, object] = {}
+        # One capture stream per device for good: a fresh stream per capture would leave a
+        # cuBLAS workspace behind on each, and PyTorch's default capture stream belongs to
+        # whichever GPU was current when it was first made.
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._key: tuple | None = None
         self._cache: LatentKVCache | None = None
 
-    def begin(self, cache: LatentKVCache) -> None:
-        """Before a token: room for it, graphs for these buffers, the position on each device."""
+    def begin(self, cache: LatentKVCache) -> bool:
+        """Before a token: room for it, graphs for these buffers, the position on each device.
+        False when the static form would waste work: a capacity far beyond the tokens (a long
+        session trimmed to a short prefix) is attended in full; the ordinary path serves."""
         cache.reserve(cache.offset + 1)
-        key = (id(cache), cache.buffer_ids())
+        if cache.capacity > max(STATIC_MIN_CAPACITY, 2 * (cache.offset + 1)):
+            return False
+        key = cache.buffer_ids()  # addresses and capacities: what a captured step writes to
         if key != self._key:  # another cache, or this one grew: capture afresh
             self._captured.clear()
             self._pools.clear()
@@ -103,6 +113,11 @@ class DecodeSteps:
         self._cache = cache
         for pos in self._pos.values():
             pos.fill_(cache.offset)  # a kernel with the value as its argument: no copy, no wait
+        return True
+
+    def end(self) -> None:
+        """After a token: the cache is not kept alive by us (the graphs only know addresses)."""
+        self._cache = None
 
     def run(self, i: int, h: torch.Tensor, predict: bool) -> StepOutputs:
         assert self._cache is not None, "begin() first"
@@ -121,28 +136,40 @@ class DecodeSteps:
         once and compare with the eager result; any failure turns graphs off."""
         device, pos, cache = h.device, self._pos[h.device], self._cache
         h_in = h.clone()
+        previous = torch.cuda.current_stream(device)
         try:
             with torch.cuda.device(device):
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
+                stream = self._streams.setdefault(device, torch.cuda.Stream(device))
+                stream.wait_stream(previous)
+                with torch.cuda.stream(stream):
                     eager = static_step(self.decoder, i, h_in, pos, cache, predict)
-                torch.cuda.current_stream().wait_stream(side)
+                previous.wait_stream(stream)
                 pool = self._pools.setdefault(device, torch.cuda.graph_pool_handle())
                 graph = torch.cuda.CUDAGraph()
                 # thread_local: the CPU-expert and snapshot threads never touch this capture.
-                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
                     out = static_step(self.decoder, i, h_in, pos, cache, predict)
+                _poison(out)  # the check must see what the replay wrote, not the capture pass
                 graph.replay()
                 if not _same(eager, out):
                     raise RuntimeError("the captured step disagrees with its eager run")
         except Exception as exc:  # capture is an optimisation: never a reason to fail a decode
             log.warning("CUDA graphs off for decode (layer %d: %s)", i, exc)
+            with torch.cuda.device(device):
+                torch.cuda.set_stream(previous)  # a failed capture can leave its stream current
             self.failed, self.use_graphs = True, False
             self._captured.clear()
             return static_step(self.decoder, i, h, pos, cache, predict)
         self._captured[i] = _Captured(graph, h_in, out)
         return out
+
+
+def _poison(out: StepOutputs) -> None:
+    for t in (out.h, out.x, out.top_weights, out.shared):
+        t.fill_(float("nan"))
+    out.top_idx.fill_(-1)
+    if out.predicted is not None:
+        out.predicted.fill_(-1)
 
 
 def _same(a: StepOutputs, b: StepOutputs) -> bool:

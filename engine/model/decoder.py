@@ -113,8 +113,11 @@ class DecoderModel:
         """
         num_tokens = embeds.shape[0]
         steps = self.decode_steps
-        if num_tokens == 1 and steps is not None and not steps.failed:
-            return self._decode_static(embeds, cache, steps, should_stop)
+        if num_tokens == 1 and steps is not None and not steps.failed and steps.begin(cache):
+            try:
+                return self._decode_static(embeds, cache, steps, should_stop)
+            finally:
+                steps.end()
         tables: dict[torch.device, PositionTables] = {}  # made once per device, not per layer
         h = embeds
         for i, layer in enumerate(self.layers):
@@ -142,7 +145,6 @@ class DecoderModel:
     def _decode_static(self, embeds: torch.Tensor, cache: LatentKVCache, steps: DecodeSteps,
                        should_stop: Callable[[], bool] | None) -> torch.Tensor:
         """One token through the static decode steps; the routed experts between them as usual."""
-        steps.begin(cache)
         prefetch = getattr(self.experts, "prefetch_enabled", False)
         h = embeds
         for i, layer in enumerate(self.layers):

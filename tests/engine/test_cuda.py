@@ -112,6 +112,8 @@ def test_cuda_bf16_offload_with_prefetch_and_grouped_kernel(tiny_checkpoint):
                                                      prefetch=True))
     assert all(slots.use_grouped for slots in model.experts.layers), "grouped kernel disabled"
     assert_close("cuda bf16 offload+prefetch", _logits(model), expected, 0.25, mean_atol=0.03)
+    steps = model.decoder.decode_steps  # decode ran as CUDA graphs, with the prediction inside
+    assert steps is not None and not steps.failed and steps._captured
     counters = model.experts.counters()
     assert counters["prefetch_issued"] > 0 and counters["hits"] > 0
     model.close()
@@ -124,6 +126,8 @@ def test_two_gpus_split_layers_and_keep_the_kernels(tiny_checkpoint, reference_l
                                                      expert_cache_slots=2))
     assert [d.index for d in model.layer_devices] == [0, 1]
     assert_close("two gpus", _logits(model), reference_logits, 1e-3)
+    steps = model.decoder.decode_steps
+    assert steps is not None and not steps.failed and len(steps._captured) == 2
     model.close()
     bf16 = LoadedModel(tiny_checkpoint, LoadOptions(device="cuda", dtype="bfloat16", gpus=(0, 1),
                                                     expert_cache_slots=2, host_format="fp8"))

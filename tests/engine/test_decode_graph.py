@@ -58,3 +58,19 @@ def test_static_steps_split_over_two_targets(tiny_checkpoint):
 def test_graphs_are_only_asked_for_on_gpus(tiny_checkpoint):
     model = LoadedModel(tiny_checkpoint, LoadOptions(dtype="float32", cuda_graphs=True))
     assert model.decoder.decode_steps is None  # CPU: the ordinary path
+
+
+def test_a_capacity_far_beyond_the_tokens_takes_the_ordinary_path(tiny_checkpoint):
+    """After a long session is trimmed to a short prefix, attending the whole capacity would
+    waste work: that token goes the ordinary way, and nothing keeps the cache alive after."""
+    from engine.model.decode_graph import STATIC_MIN_CAPACITY
+
+    model = LoadedModel(tiny_checkpoint, LoadOptions(dtype="float32"))
+    steps = DecodeSteps(model.decoder, use_graphs=False)
+    cache = model.decoder.new_cache()
+    cache.reserve(4 * STATIC_MIN_CAPACITY)
+    assert not steps.begin(cache)
+    small = model.decoder.new_cache()
+    assert steps.begin(small) and steps._cache is small
+    steps.end()
+    assert steps._cache is None
