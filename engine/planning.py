@@ -83,8 +83,15 @@ def planned_options(opts, ckpt: Checkpoint, gpu_budget_bytes: int | None = None,
     requantisation adds ~0.9% relative weight error to FP8's own ~2.7%), else fp8."""
     opts = _placed_options(opts, ckpt, gpu_budget_bytes, as_layers)
     if opts.host_format == "auto":
-        opts = replace(opts, host_format="int8" if opts.expert_cache_slots is not None else "fp8")
+        opts = replace(opts, host_format=auto_host_format(opts.expert_cache_slots, opts.host_mode))
     return opts
+
+
+def auto_host_format(expert_cache_slots: int | None, host_mode: str) -> str:
+    """int8 when experts are offloaded into RAM; FP8 as shipped when every expert is resident,
+    or when RAM is short and the experts are served from the mapped files (int8 exists only
+    as a requantised copy in RAM, which would not fit)."""
+    return "int8" if expert_cache_slots is not None and host_mode != "mmap" else "fp8"
 
 
 def _placed_options(opts, ckpt: Checkpoint, gpu_budget_bytes: int | None, as_layers: int | None):

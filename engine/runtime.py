@@ -70,7 +70,9 @@ class LoadedModel:
         self.ckpt = ckpt or Checkpoint.open(model_dir)
         self.config = self.ckpt.config
         if opts.host_format == "auto":
-            opts = replace(opts, host_format="int8" if opts.expert_cache_slots is not None else "fp8")
+            from engine.planning import auto_host_format
+
+            opts = replace(opts, host_format=auto_host_format(opts.expert_cache_slots, opts.host_mode))
         self.opts = opts
         self.dtype = getattr(torch, opts.dtype)
         self.layer_devices = resolve_devices(opts, self.config.num_hidden_layers)
@@ -114,7 +116,7 @@ class LoadedModel:
             from engine.experts.profile import load_or_measure
 
             cfg = self.config
-            profile = load_or_measure(self.layer_devices[0], self.opts.host_format, cfg.hidden_size,
+            profile = load_or_measure(self.layer_devices[0], experts.store.fmt, cfg.hidden_size,
                                       cfg.moe_intermediate_size, self.dtype)
             experts.bandwidths = (profile.pcie_bytes_per_s, profile.cpu_expert_bytes_per_s)
         return experts

@@ -11,6 +11,7 @@ Glossary: E experts, I expert width, H hidden, R rows.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ import torch
 from engine.checkpoint import Checkpoint, TensorInfo
 from engine.model.names import layer_prefix
 from engine.quant import FP8_DTYPE
+
+log = logging.getLogger(__name__)
 
 NP_DTYPES = {"F8_E4M3": np.uint8, "BF16": np.uint16, "F16": np.float16, "F32": np.float32}
 TORCH_VIEW = {"F8_E4M3": FP8_DTYPE, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
@@ -57,9 +60,13 @@ class HostExpertStore:
             raise ValueError(f"unknown host store mode {mode!r}")
         if fmt not in ("fp8", "int8"):
             raise ValueError(f"unknown host expert format {fmt!r}")
-        self.fmt = fmt
         if fmt == "int8" and mode == "mmap":
-            mode = "ram"  # requantised weights exist only in memory
+            # Requantised weights exist only in RAM, which is short (that is why mmap was
+            # chosen): serve FP8 as shipped from the mapped files rather than run out of memory.
+            log.warning("host format int8 needs the experts in RAM; RAM is short, so FP8 is "
+                        "served from the memory-mapped files instead")
+            fmt = "fp8"
+        self.fmt = fmt
         # Page-locked memory needs a CUDA driver; without one "pinned" falls back to plain RAM.
         self.mode = "ram" if mode == "pinned" and not torch.cuda.is_available() else mode
         self.layers: list[LayerExperts] = []

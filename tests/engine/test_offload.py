@@ -250,3 +250,21 @@ def test_grouped_decode_path_passes_the_right_slots_and_scales(tiny_checkpoint, 
     assert torch.equal(_run(resident, prefill=70), _run(offloaded, prefill=70))
     assert calls and max(calls) <= 2  # top-2: at most both experts of a step from slots
     offloaded.close()
+
+
+def test_short_ram_serves_fp8_from_the_mapped_files(tiny_checkpoint, reference_logits):
+    """int8 exists only as a copy in RAM: with RAM short (mmap), "auto" picks FP8, and an
+    explicit int8 falls back to FP8 from the mapped files instead of running out of memory."""
+    from engine.experts.offload import OffloadedExperts
+    from engine.planning import auto_host_format
+
+    assert auto_host_format(2, "pinned") == "int8" and auto_host_format(2, "mmap") == "fp8"
+    assert auto_host_format(None, "pinned") == "fp8"
+    model = LoadedModel(tiny_checkpoint, LoadOptions(dtype="float32", expert_cache_slots=2))
+    model.experts.close()
+    model.experts = OffloadedExperts(model.ckpt, torch.float32, model.layer_devices, 2,
+                                     host_mode="mmap", host_format="int8")
+    model.decoder.experts = model.experts
+    assert (model.experts.store.mode, model.experts.store.fmt) == ("mmap", "fp8")
+    assert_close("int8 asked, mmap", _run(model, prefill=10), reference_logits, FP32_ATOL)
+    model.close()
