@@ -139,16 +139,24 @@ class DecodeSteps:
         previous = torch.cuda.current_stream(device)
         try:
             with torch.cuda.device(device):
-                stream = self._streams.setdefault(device, torch.cuda.Stream(device))
+                if device not in self._streams:
+                    self._streams[device] = torch.cuda.Stream(device)
+                stream = self._streams[device]
                 stream.wait_stream(previous)
                 with torch.cuda.stream(stream):
                     eager = static_step(self.decoder, i, h_in, pos, cache, predict)
                 previous.wait_stream(stream)
                 pool = self._pools.setdefault(device, torch.cuda.graph_pool_handle())
                 graph = torch.cuda.CUDAGraph()
-                # thread_local: the CPU-expert and snapshot threads never touch this capture.
-                with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-                    out = static_step(self.decoder, i, h_in, pos, cache, predict)
+                # The bare capture calls, not torch.cuda.graph(): that one synchronises and
+                # empties the memory caches (device and page-locked) on every capture, 36 times
+                # for each new cache. thread_local: other threads never touch this capture.
+                with torch.cuda.stream(stream):
+                    graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+                    try:
+                        out = static_step(self.decoder, i, h_in, pos, cache, predict)
+                    finally:
+                        graph.capture_end()
                 _poison(out)  # the check must see what the replay wrote, not the capture pass
                 graph.replay()
                 if not _same(eager, out):
