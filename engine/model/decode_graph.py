@@ -20,6 +20,7 @@ Glossary: H hidden, K experts per token, cap the cache's capacity.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,7 @@ from engine.model.moe import route
 log = logging.getLogger(__name__)
 # Attending the whole capacity costs nothing next to the rest of a step up to this many keys.
 STATIC_MIN_CAPACITY = 4096
+GRAPH_SETS = 4  # cache buffer sets whose captured steps are kept (a few MB each)
 
 
 @dataclass
@@ -89,6 +91,9 @@ class DecodeSteps:
         self.failed = False  # a capture failed or disagreed: the caller falls back for good
         self._pos = {dev: torch.zeros(1, dtype=torch.long, device=dev)
                      for dev in set(decoder.layer_devices)}
+        # Captured steps per cache buffer set, the most recent last: switching between a few
+        # conversations reuses their graphs instead of capturing 36 layers again.
+        self._sets: OrderedDict[tuple, tuple[dict[int, _Captured], dict]] = OrderedDict()
         self._captured: dict[int, _Captured] = {}
         self._pools: dict[torch.device, object] = {}
         # One capture stream per device for good: a fresh stream per capture would leave a
@@ -106,9 +111,13 @@ class DecodeSteps:
         if cache.capacity > max(STATIC_MIN_CAPACITY, 2 * (cache.offset + 1)):
             return False
         key = cache.buffer_ids()  # addresses and capacities: what a captured step writes to
-        if key != self._key:  # another cache, or this one grew: capture afresh
-            self._captured.clear()
-            self._pools.clear()
+        if key != self._key:  # another cache, or this one grew
+            if key not in self._sets:
+                self._sets[key] = ({}, {})
+                while len(self._sets) > GRAPH_SETS:
+                    self._sets.popitem(last=False)  # its graphs and pool are freed with it
+            self._sets.move_to_end(key)
+            self._captured, self._pools = self._sets[key]
             self._key = key
         self._cache = cache
         for pos in self._pos.values():
@@ -166,7 +175,8 @@ class DecodeSteps:
             with torch.cuda.device(device):
                 torch.cuda.set_stream(previous)  # a failed capture can leave its stream current
             self.failed, self.use_graphs = True, False
-            self._captured.clear()
+            self._sets.clear()
+            self._captured, self._pools = {}, {}
             return static_step(self.decoder, i, h, pos, cache, predict)
         self._captured[i] = _Captured(graph, h_in, out)
         return out

@@ -74,3 +74,19 @@ def test_a_capacity_far_beyond_the_tokens_takes_the_ordinary_path(tiny_checkpoin
     assert steps.begin(small) and steps._cache is small
     steps.end()
     assert steps._cache is None
+
+
+def test_captured_step_sets_are_kept_per_cache_buffers(tiny_checkpoint, monkeypatch):
+    """Switching between conversations reuses their captured steps; the oldest set goes."""
+    from engine.model import decode_graph
+
+    monkeypatch.setattr(decode_graph, "GRAPH_SETS", 2)
+    model = LoadedModel(tiny_checkpoint, LoadOptions(dtype="float32"))
+    steps = DecodeSteps(model.decoder, use_graphs=False)
+    caches = [model.decoder.new_cache() for _ in range(3)]
+    for cache in caches:
+        assert steps.begin(cache)
+    assert list(steps._sets) == [caches[1].buffer_ids(), caches[2].buffer_ids()]
+    steps._captured[0] = "captured for caches[2]"
+    assert steps.begin(caches[1]) and steps._captured == {}
+    assert steps.begin(caches[2]) and steps._captured == {0: "captured for caches[2]"}
