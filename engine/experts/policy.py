@@ -90,23 +90,10 @@ class CachePolicy:
         """Give key a slot: (slot, evicted key or None), or None to bypass (do not cache)."""
         if key in self._slot:
             return self._slot[key], None
-        part = self._part(key)
-        if part >= len(self._free) or self._sizes[part] == 0:
+        placed = self._place(key, lambda part: self._victim(key, part))
+        if placed is None:
             self.num_bypasses += 1
-            return None
-        if self._free[part]:
-            slot, victim = self._free[part].pop(), None
-        else:
-            victim = self._victim(key, part)
-            if victim is None:
-                self.num_bypasses += 1
-                return None
-            slot = self._slot.pop(victim)
-            self._on_evict(victim)
-            self.num_evictions += 1
-        self._slot[key] = slot
-        self._on_admit(key)
-        return slot, victim
+        return placed
 
     def admit_prefetch(self, key: Key, keep: frozenset[Key] | set[Key] = frozenset()
                        ) -> tuple[int, Key | None] | None:
@@ -117,19 +104,24 @@ class CachePolicy:
         layer has no slots or only kept residents."""
         if key in self._slot:
             return None
+        return self._place(key, lambda part: self._lowest(part, keep), self._on_predict)
+
+    def _place(self, key: Key, choose_victim, before_admit=None) -> tuple[int, Key | None] | None:
+        """A free slot of key's partition, else the slot of choose_victim(part) (None: no room)."""
         part = self._part(key)
         if part >= len(self._free) or self._sizes[part] == 0:
             return None
         if self._free[part]:
             slot, victim = self._free[part].pop(), None
         else:
-            victim = self._lowest(part, keep)
+            victim = choose_victim(part)
             if victim is None:
                 return None
             slot = self._slot.pop(victim)
             self._on_evict(victim)
             self.num_evictions += 1
-        self._on_predict(key)
+        if before_admit is not None:
+            before_admit(key)
         self._slot[key] = slot
         self._on_admit(key)
         return slot, victim
