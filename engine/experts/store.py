@@ -105,13 +105,17 @@ class HostExpertStore:
 def requantize_int8(weights: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 [E, R, C] with per-expert multipliers [E] -> int8 [E, R, C] with per-row scales [E, R].
 
-    One expert at a time, so the fp32 temporaries stay small (an expert is 25 MB in FP8).
+    One expert at a time, so the fp32 temporaries stay small (an expert is 25 MB in FP8). The
+    expert's multiplier cancels out of the rounding (a row's codes are its values over its own
+    maximum), so it only enters the row scales; and |code| <= 127 by construction, so no clamp.
+    Four passes over the fp32 copy instead of seven: loading the real model's 116 GB requantises
+    at about twice the speed (measured 70 vs 135 ms per 4096x4096 matrix on 2 cores).
     """
     out = torch.empty(weights.shape, dtype=torch.int8)
     row_scales = torch.empty(weights.shape[:2], dtype=torch.float32)
     for e in range(weights.shape[0]):
-        w = weights[e].to(torch.float32) * scales[e]  # [R, C]
-        s = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # [R]
-        out[e] = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
-        row_scales[e] = s
+        w = weights[e].to(torch.float32)  # [R, C]
+        peak = torch.linalg.vector_norm(w, ord=float("inf"), dim=1).clamp_(min=1e-30)  # [R]
+        out[e] = w.mul_((127.0 / peak)[:, None]).round_().to(torch.int8)
+        row_scales[e] = (peak * (float(scales[e]) / 127.0)).clamp_(min=1e-12)
     return out, row_scales

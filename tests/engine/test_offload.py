@@ -268,3 +268,21 @@ def test_short_ram_serves_fp8_from_the_mapped_files(tiny_checkpoint, reference_l
     assert (model.experts.store.mode, model.experts.store.fmt) == ("mmap", "fp8")
     assert_close("int8 asked, mmap", _run(model, prefill=10), reference_logits, FP32_ATOL)
     model.close()
+
+
+def test_int8_requantisation_rounds_each_row_to_its_own_scale():
+    """Every weight is within half a step of its row's scale, the row maximum maps to +-127,
+    and an all-zero row stays zero (with a tiny positive scale, never a division by zero)."""
+    from engine.experts.store import requantize_int8
+
+    gen = torch.Generator().manual_seed(5)
+    fp8 = (torch.randn(3, 6, 40, generator=gen) * 30).to(torch.float8_e4m3fn)
+    fp8[1, 2] = 0
+    scales = torch.tensor([0.002, 0.01, 0.5])
+    codes, rows = requantize_int8(fp8, scales)
+    exact = fp8.float() * scales[:, None, None]
+    assert codes.dtype == torch.int8 and int(codes.abs().max()) <= 127
+    assert ((codes.float() * rows[..., None] - exact).abs() <= rows[..., None] * 0.5 + 1e-9).all()
+    peak_codes = codes.abs().amax(dim=-1)
+    assert (peak_codes[exact.abs().amax(dim=-1) > 0] == 127).all()
+    assert (codes[1, 2] == 0).all() and 0 < float(rows[1, 2]) <= 1e-12
