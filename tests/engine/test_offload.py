@@ -282,7 +282,8 @@ def test_int8_requantisation_rounds_each_row_to_its_own_scale():
     codes, rows = requantize_int8(fp8, scales)
     exact = fp8.float() * scales[:, None, None]
     assert codes.dtype == torch.int8 and int(codes.abs().max()) <= 127
-    assert ((codes.float() * rows[..., None] - exact).abs() <= rows[..., None] * 0.5 + 1e-9).all()
+    # Half a step, plus fp32 rounding at exact ties (measured 6e-6 of a step; a wrong code is 0.5).
+    assert ((codes.float() * rows[..., None] - exact).abs() <= rows[..., None] * (0.5 + 1e-4)).all()
     peak_codes = codes.abs().amax(dim=-1)
     assert (peak_codes[exact.abs().amax(dim=-1) > 0] == 127).all()
     assert (codes[1, 2] == 0).all() and 0 < float(rows[1, 2]) <= 1e-12
