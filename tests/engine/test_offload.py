@@ -91,7 +91,8 @@ def test_routing_is_recorded_per_token_and_layer(tiny_checkpoint, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "engine.cli", "--model", str(tiny_checkpoint), "--prompt", "Hi",
          "--greedy", "--max-tokens", "3", "--device", "cpu", "--expert-cache-slots", "2",
-         "--record-routing", str(out), "--json"], capture_output=True, text=True, timeout=180)
+         "--prefetch", "--record-routing", str(out), "--json"], capture_output=True, text=True,
+        timeout=180)
     assert proc.returncode == 0, proc.stderr
     stats = json.loads(proc.stdout)["stats"]
     assert stats["expert_hits"] + stats["expert_misses"] > 0 and stats["bytes_copied"] > 0
