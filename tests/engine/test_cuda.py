@@ -155,3 +155,16 @@ def test_cuda_graph_decode_matches_eager_decode(tiny_checkpoint):
     (eager, eager_ids), (graphed, graphed_ids) = results
     assert graphed_ids == eager_ids
     assert_close("cuda graphs", graphed.cpu(), eager.cpu(), 1e-3)
+
+
+def test_cuda_streamed_prefill_reuses_its_staging_buffers(tiny_checkpoint, reference_logits,
+                                                          monkeypatch):
+    """Groups of 2 experts: a prefill chunk's 8 experts pass through the two staging buffers
+    twice each, so every refill must wait for the compute that read the buffer before."""
+    from engine.experts import streaming
+
+    monkeypatch.setattr(streaming, "GROUP", 2)
+    model = LoadedModel(tiny_checkpoint, LoadOptions(device="cuda", dtype="float32",
+                                                     expert_cache_slots=0))
+    assert_close("streamed groups of 2", _logits(model, prefill=70), reference_logits, 1e-3)
+    model.close()
