@@ -46,3 +46,17 @@ def test_synthetic_real_shape_config_is_the_real_one():
     assert (text["q_lora_rank"], text["kv_lora_rank"], text["moe_intermediate_size"]) == (1024, 256, 2048)
     expert_bytes = 3 * text["hidden_size"] * text["moe_intermediate_size"]
     assert expert_bytes == 25_165_824
+
+
+def test_bench_with_prefetch_and_another_policy(tiny_checkpoint, tmp_path):
+    """The prefetch and policy switches reach the runtime and their counters reach the JSON."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.bench", "--model", str(tiny_checkpoint), "--device", "cpu",
+         "--depth", "0", "--prefill", "", "--tokens", "6", "--warmup", "2", "--routing", "synthetic",
+         "--expert-cache-slots", "3", "--prefetch", "--prefetch-error", "0", "--policy", "lrfu",
+         "--work-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    decode = result["results"][0]
+    assert decode["prefetch_issued"] > 0 and decode["prefetch_wasted"] == 0  # exact predictions
+    assert result["config"]["policy"] == "lrfu" and result["cuda_graphs"] is False
