@@ -150,10 +150,12 @@ def run(args: argparse.Namespace) -> dict:
     for depth in _ints(args.depth):
         experts.routing_log = []
         row = decode_run(model, depth, args.tokens, args.warmup, head_s, REAL_LAYERS)
-        measured = log_to_trace(experts.routing_log, cfg.num_hidden_layers)[-args.tokens:]
+        # Belady sees the warm-up too (and counts only the measured tokens), as the policy did.
+        seen = log_to_trace(experts.routing_log, cfg.num_hidden_layers)
         counters = experts.counters()
         row |= {"test": f"tg{args.tokens} @ d{depth}", "hit_rate": counters["hit_rate"],
-                "belady_bypass_hit_rate": belady_hit_rate(measured, slots),
+                "belady_bypass_hit_rate": belady_hit_rate(
+                    seen, slots, warmup_tokens=max(0, len(seen) - args.tokens)),
                 "bytes_copied_per_token": counters["bytes_copied"] / args.tokens,
                 "bytes_cpu_per_token": counters["bytes_cpu"] / args.tokens}
         row |= {k: counters[k] for k in ("prefetch_issued", "prefetch_used", "prefetch_wasted")

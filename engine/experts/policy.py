@@ -390,9 +390,10 @@ def _next_use(seq: np.ndarray) -> np.ndarray:
     return nxt
 
 
-def _belady_hits(seq: np.ndarray, capacity: int, bypass: bool) -> int:
-    """Hits of MIN on one stream: evict the furthest next use; with bypass, admit only if
-    the newcomer's next use is sooner than the furthest resident's."""
+def _belady_hits(seq: np.ndarray, capacity: int, bypass: bool, start: int = 0) -> int:
+    """Hits of MIN on one stream at positions >= start (the earlier ones only warm it up):
+    evict the furthest next use; with bypass, admit only if the newcomer's next use is
+    sooner than the furthest resident's."""
     if capacity <= 0:
         return 0
     nxt = _next_use(seq).tolist()
@@ -402,7 +403,7 @@ def _belady_hits(seq: np.ndarray, capacity: int, bypass: bool) -> int:
     hits = 0
     for i, key in enumerate(seq.tolist()):
         if key in resident:
-            hits += 1
+            hits += i >= start
         elif len(resident) >= capacity:
             while -heap[0][0] != resident.get(heap[0][1]):
                 heapq.heappop(heap)
@@ -418,23 +419,26 @@ def _belady_hits(seq: np.ndarray, capacity: int, bypass: bool) -> int:
 
 
 def belady_hit_rate(trace: np.ndarray, capacity: int | Sequence[int], per_layer: bool = True,
-                    bypass: bool = True) -> float:
+                    bypass: bool = True, warmup_tokens: int = 0) -> float:
     """Offline optimum hit rate (Belady's MIN, with bypass by default) for a [T, L, K] trace.
 
     capacity: slots per layer (an int for every layer, or one per layer) when per_layer,
-    else the size of one global pool over all layers' experts.
+    else the size of one global pool over all layers' experts. warmup_tokens: the first
+    tokens only fill the cache and are not counted, as when an online policy's hit rate is
+    measured after a warm-up on the same trace (a cold-start optimum would flatter it).
     """
     num_tokens, num_layers, k = trace.shape
-    total = num_tokens * num_layers * k
-    if total == 0:
+    total = (num_tokens - warmup_tokens) * num_layers * k
+    if total <= 0:
         return 0.0
     if not per_layer:
         if not isinstance(capacity, int):
             raise ValueError("a global pool takes one capacity")
         num_experts = int(trace.max()) + 1
         keys = (np.arange(num_layers)[None, :, None] * num_experts + trace).ravel()
-        return _belady_hits(keys, capacity, bypass) / total
+        return _belady_hits(keys, capacity, bypass, warmup_tokens * num_layers * k) / total
     sizes = [capacity] * num_layers if isinstance(capacity, int) else list(capacity)
-    hits = sum(_belady_hits(trace[:, layer, :].ravel().astype(np.int64), sizes[layer], bypass)
+    hits = sum(_belady_hits(trace[:, layer, :].ravel().astype(np.int64), sizes[layer], bypass,
+                            warmup_tokens * k)
                for layer in range(num_layers))
     return hits / total

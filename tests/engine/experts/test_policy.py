@@ -254,3 +254,15 @@ def test_prefetch_admission_needs_slots() -> None:
     policy = LRFUPolicy(slots_per_layer=[0, 2])
     assert policy.admit_prefetch((0, 3)) is None
     assert policy.admit_prefetch((1, 3)) == (0, None)  # layer 1's first free slot (global id 0)
+
+
+def test_belady_with_a_warm_up_counts_only_the_later_tokens() -> None:
+    """The optimum that also saw the warm-up tokens: at least the cold optimum of the window,
+    and exactly its hits over the later tokens (hand-made: 1 layer, 1 expert per token)."""
+    trace = np.array([0, 1, 0, 1, 2, 0, 1], dtype=np.int16)[:, None, None]
+    # capacity 2, bypass: 0 1 | 0 1 2 0 1 -> warm hits on 0,1 (2) + 2 bypassed + 0,1 hit (2) = 4 of 5
+    assert belady_hit_rate(trace, 2, warmup_tokens=2) == pytest.approx(4 / 5)
+    assert belady_hit_rate(trace[2:], 2) == pytest.approx(2 / 5)  # cold: 0 and 1 miss first
+    tr = synthetic_trace(120, 3, 32, 2, seed=4)
+    assert belady_hit_rate(tr, 5, warmup_tokens=40) >= belady_hit_rate(tr[40:], 5)
+    assert belady_hit_rate(tr, 5, warmup_tokens=0) == belady_hit_rate(tr, 5)
