@@ -16,10 +16,12 @@ from engine.errors import InputError
 
 GiB = 1 << 30
 DEFAULT_GPU_MARGIN_BYTES = GiB  # CUDA context, fragmentation, other processes
-# Per GPU: a 16K-token prefill chunk's activations at the real shapes (~1.2 GB with the fp32
-# norm temporaries), bounded attention scratch (engine.model.attention) and the expert
-# streaming buffers (0.4 GB). engine.runtime.OFFLOADED_PREFILL_CHUNK is sized to fit.
-DEFAULT_WORKSPACE_BYTES = 2 * GiB
+# Per GPU, for a 16K-token prefill chunk at the real shapes (engine.runtime.
+# OFFLOADED_PREFILL_CHUNK): the attention phase peaks highest, ~0.8 GiB of bounded attention
+# scratch (engine.model.attention) beside the chunk's residual and normed input (0.25 GiB),
+# plus the expert streaming buffers (0.2 GiB, engine.experts.streaming); the norms' fp32
+# temporaries and the MoE phase stay below that.
+DEFAULT_WORKSPACE_BYTES = 3 * GiB // 2
 HOST_MARGIN_FRACTION = 0.10  # pinned store: experts + 10% (the mission's host-memory rule) ...
 HOST_SAFETY_BYTES = 4 * GiB  # ... + room for the OS and the app
 MIN_CONTEXT, CONTEXT_STEP = 4096, 1024  # proposals: shortest useful context, its granularity

@@ -152,7 +152,7 @@ def attention_scratch_bytes(cfg: ModelConfig, query_tokens: int, context_tokens:
     projections = t * (qr * (2 * e + 8) + queries)  # q_a, its fp32 norm, q
     rope = t * (queries * 2 + 3 * n * r * e + latents + c * 8)  # rotation halves, latent norm
     core = t * (queries + latents) + attention_core_bytes(cfg, t, context_tokens, dtype)
-    epilogue = t * (queries + latents + 2 * n * v * e + h * e)  # out, its reshape, o_proj
+    epilogue = t * (queries + latents + n * v * e + h * e)  # out (reshaped as a view), o_proj
     return max(projections, rope, core, epilogue)
 
 
@@ -169,8 +169,9 @@ def attention_core_bytes(cfg: ModelConfig, query_tokens: int, context_tokens: in
         fixed = n * t * (c * (2 * e + 8) + 16) + n * t * v * e
         return fixed + _key_block_bytes(cfg, t, keys, dtype, absorbed=True)
     tq = min(QUERY_BLOCK, t)
-    chunk = t * n * ((d + r) + 2 * v) * e  # query [N, T, D+R], the blocks' outputs and their cat
-    query_block = n * tq * (v * (8 + e) + 16)  # acc fp32, PV in dtype + fp32, max/sum stats
+    chunk = t * n * ((d + r) + v) * e  # query [N, T, D+R] and the output [T, N, V]
+    query_block = n * tq * (v * (8 + e) + 24)  # acc fp32, PV in dtype + fp32, row stats (max,
+    # sum, the next max, and the block max and sum while they are merged)
     keys = min(key_block_size(cfg, tq, dtype), s)
     materialised = query_block + _key_block_bytes(cfg, tq, keys, dtype)
     # Fused: one key block's expansion, the kernel's output and lse, the fp32 merge (state,
@@ -228,7 +229,9 @@ def _expanded(cfg: ModelConfig, w: AttentionWeights, q_nope: torch.Tensor, q_pe:
     (~9% more FLOPs at the real shapes) but memory stays bounded for any T."""
     num_keys = latent.shape[0]
     query = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # [N, T, D+R]
-    blocks = []
+    # Each query block's result goes straight to its rows: no list of blocks to concatenate,
+    # and the caller's reshape to [T, N*V] is a view (each was a copy of the chunk's output).
+    out = query.new_empty((query.shape[1], query.shape[0], cfg.v_head_dim))  # [T, N, V]
     for lo in range(0, query.shape[1], QUERY_BLOCK):
         hi = min(lo + QUERY_BLOCK, query.shape[1])
         # Keys past the block's last query are masked anyway: leave them out.
@@ -236,13 +239,14 @@ def _expanded(cfg: ModelConfig, w: AttentionWeights, q_nope: torch.Tensor, q_pe:
         key_block = key_block_size(cfg, hi - lo, query.dtype)
         if visible <= key_block:  # one key block: the plain path, as before key blocking
             key, value = _expand_keys(cfg, w, latent[:visible], k_pe[:visible])
-            blocks.append(F.scaled_dot_product_attention(
+            out[lo:hi] = F.scaled_dot_product_attention(
                 query[:, lo:hi], key, value, scale=cfg.softmax_scale,
                 attn_mask=_causal_mask(offset + lo, offset + hi, 0, visible, query.device),
-            ))  # [N, t, V]
+            ).transpose(0, 1)  # [t, N, V]
             continue
         if fused_attention.usable(query.device, query.dtype):
-            blocks.append(_expanded_fused(cfg, w, query[:, lo:hi], latent, k_pe, offset + lo))
+            out[lo:hi] = _expanded_fused(cfg, w, query[:, lo:hi], latent, k_pe,
+                                         offset + lo).transpose(0, 1)
             continue
         merge = _RunningSoftmax(query, query.shape[0], hi - lo, cfg.v_head_dim)
         for k_lo in range(0, visible, key_block):
@@ -250,8 +254,8 @@ def _expanded(cfg: ModelConfig, w: AttentionWeights, q_nope: torch.Tensor, q_pe:
             key, value = _expand_keys(cfg, w, latent[k_lo:k_hi], k_pe[k_lo:k_hi])
             scores = torch.matmul(query[:, lo:hi], key.transpose(1, 2)).float()
             merge.add(_mask_block(scores.mul_(cfg.softmax_scale), offset + lo, k_lo), value)
-        blocks.append(merge.result(query.dtype))
-    return torch.cat(blocks, dim=1).transpose(0, 1)  # [T, N, V]
+        out[lo:hi] = merge.result(query.dtype).transpose(0, 1)
+    return out
 
 
 def _expanded_fused(cfg: ModelConfig, w: AttentionWeights, query: torch.Tensor,
