@@ -81,7 +81,9 @@ def figure(result: dict, path: str):
 
 
 def run_suite(out_dir: Path, quick: bool, model: Path | None,
-              only: tuple[str, ...] = ()) -> list[dict]:
+              only: tuple[str, ...] = (), config_timeout: float | None = None) -> list[dict]:
+    """config_timeout: seconds one configuration may take; one that hangs is recorded as an
+    error and the rest still run (a device call has a hard limit)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = []
     for name, args, checks in FULL:
@@ -93,7 +95,10 @@ def run_suite(out_dir: Path, quick: bool, model: Path | None,
         target = out_dir / f"{name}.json"
         cmd = [sys.executable, "-m", "engine.bench", *argv, "--work-dir", str(out_dir / "work"),
                "--out", str(target)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=config_timeout)
+        except subprocess.TimeoutExpired:
+            proc = subprocess.CompletedProcess(cmd, 124, "", f"timed out after {config_timeout} s")
         result = json.loads(target.read_text()) if proc.returncode == 0 else {}
         for path, op, goal, what in checks:
             value = figure(result, path) if result else None
@@ -115,9 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="", help="comma-separated configurations (a device call "
                    "is limited to 10 minutes: run the matrix in parts); names: "
                    + ", ".join(name for name, _, _ in FULL))
+    p.add_argument("--config-timeout", type=float, default=0,
+                   help="seconds one configuration may take (default: no limit)")
     args = p.parse_args(argv)
     only = tuple(n for n in args.only.split(",") if n)
-    for row in run_suite(args.out_dir, args.quick, args.model, only):
+    for row in run_suite(args.out_dir, args.quick, args.model, only, args.config_timeout or None):
         mark = "ok " if row["met"] else "NO "
         print(f"{mark} {row['config']:<18} {row['figure']:<52} {row['value']!s:<24} {row['target']}")
     return 0

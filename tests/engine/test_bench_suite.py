@@ -23,3 +23,11 @@ def test_figure_paths():
     assert figure(result, "results.0.measured_s_scaled") == 2.0
     assert figure(result, "ceiling.achieved_over_ceiling") == 0.9
     assert figure(result, "speedup_vs_baseline") is None
+
+
+def test_a_configuration_that_hangs_is_reported_and_the_rest_run(tiny_checkpoint, tmp_path):
+    """A device call has a hard limit: one stuck benchmark must not take the whole matrix."""
+    summary = run_suite(tmp_path, quick=True, model=tiny_checkpoint,
+                        only=("decode-70g", "decode-70g-trace"), config_timeout=0.01)
+    assert {r["config"] for r in summary} == {"decode-70g", "decode-70g-trace"}
+    assert all("timed out" in r["error"] and not r["met"] for r in summary)
