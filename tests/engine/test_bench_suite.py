@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from engine.bench.suite import FULL, figure, run_suite
 
 
@@ -28,6 +30,11 @@ def test_figure_paths():
 def test_a_configuration_that_hangs_is_reported_and_the_rest_run(tiny_checkpoint, tmp_path):
     """A device call has a hard limit: one stuck benchmark must not take the whole matrix."""
     summary = run_suite(tmp_path, quick=True, model=tiny_checkpoint,
-                        only=("decode-70g", "decode-70g-trace"), config_timeout=0.01)
-    assert {r["config"] for r in summary} == {"decode-70g", "decode-70g-trace"}
+                        only=("decode-70g-trace", "decode-70g"), config_timeout=0.01)
+    assert [r["config"] for r in summary] == ["decode-70g-trace", "decode-70g"]  # as asked
     assert all("timed out" in r["error"] and not r["met"] for r in summary)
+
+
+def test_unknown_configuration_names_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match="unknown configurations: decode-1g"):
+        run_suite(tmp_path, quick=True, model=None, only=("decode-70g", "decode-1g"))
