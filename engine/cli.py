@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> dict:
     params = api.SamplingParams(temperature=0.0 if args.greedy else args.temperature,
                                 top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
     cache = model.cache_for(args.session, prompt)
-    gen = Generator(model, prompt, params, cache)
+    gen = Generator(model, prompt, params, cache, prefill_chunk=model.prefill_chunk)
     in_reasoning = False
     for delta in gen.stream():
         if args.json:

@@ -97,7 +97,10 @@ class Generator:
             if self.is_cancelled():
                 raise CancelledError()
             chunk = embeds[lo : lo + self.prefill_chunk]
-            logits = self.model.forward(chunk, self.cache)
+            try:  # a GPU chunk is seconds of work: cancel is checked before every layer
+                logits = self.model.forward(chunk, self.cache, should_stop=self.is_cancelled)
+            except InterruptedError:
+                raise CancelledError() from None
             if self.on_prefill:
                 self.on_prefill(start + lo + chunk.shape[0], total)
         stats.t_prefill_done = time.perf_counter()

@@ -169,11 +169,11 @@ def run(args: argparse.Namespace) -> dict:
     for depth in _ints(args.followup):
         out["results"].append(followup_run(model, depth, args.question_tokens, args.chunk,
                                            args.work_dir / "snapshots", head_s, REAL_LAYERS))
-    out["host_format"] = model.opts.host_format
+    out["host_format"] = model.experts.store.fmt  # "auto" resolved, after any RAM fallback
     steps = model.decoder.decode_steps
     out["cuda_graphs"] = steps is not None and not steps.failed
     out["ceiling"] = ceiling(out["machine"], decode[0] if decode else None, cfg, args,
-                             model.opts.host_format)
+                             out["host_format"])
     if args.baseline == "hf":
         from engine.bench.baseline import hf_decode
 

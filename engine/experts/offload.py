@@ -8,6 +8,7 @@ Glossary: T tokens, H hidden, I expert width, K experts per token, S slots.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -25,6 +26,7 @@ from engine.model.moe import Deferred, run_experts
 
 # At or above this many tokens in a forward (prefill chunks) a layer's experts are streamed
 # through staging once per chunk instead of going through the decode cache.
+log = logging.getLogger(__name__)
 STREAM_MIN_TOKENS = 64
 POLICIES = {"lru": LRUPolicy, "lrfu": LRFUPolicy, "shift": ShiftLRFUPolicy}
 
@@ -129,6 +131,11 @@ class OffloadedExperts:
         self.num_cpu_experts = 0
         # Prefetch (engine.experts.prefetch): the decoder tells us layer i+1's predicted experts
         # before layer i runs (`expect`), and layer i queues their copies behind its own.
+        if prefetch and self.store.mode == "mmap" and any(d.type == "cuda" for d in layer_devices):
+            # Copies from pageable memory block the host until they are done (and fault pages
+            # in from disk): a prefetch would stall the layer it is meant to overlap.
+            log.warning("prefetch is off: the experts are served from memory-mapped files")
+            prefetch = False
         self.prefetcher = SlotPrefetcher() if prefetch else None
         self._expected: tuple[int, torch.Tensor] | None = None
 
@@ -146,6 +153,10 @@ class OffloadedExperts:
     def forward(self, layer: int, x: torch.Tensor, top_idx: torch.Tensor,
                 top_weights: torch.Tensor) -> torch.Tensor:
         top_idx = top_idx.cpu()  # the one wait on the GPU this layer: routing is host work
+        if self._expected is not None and self._expected[0] == layer + 1:
+            # Computed before this layer's routing: ready now, so this copy does not wait;
+            # read later, it would wait for the demand copies queued meanwhile.
+            self._expected = (layer + 1, self._expected[1].cpu())
         if self.routing_log is not None:
             self.routing_log.append(top_idx)
         if x.shape[0] >= STREAM_MIN_TOKENS:

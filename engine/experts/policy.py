@@ -215,13 +215,16 @@ class LRFUPolicy(CachePolicy):
         # past at once; old scores keep their order, so no heap needs rebuilding.
         self._offset = 0.0
         self._score: dict[Key, float] = {}  # log2(sum 2^(t_use / half_life))
+        self._before_prediction: dict[Key, float | None] = {}  # admitted by prefetch, not yet used
         self._heaps: list[list[tuple[float, Key]]] = [[] for _ in self._sizes]
 
     def _touch(self, key: Key) -> float:
         layer = key[0]
         now = self._clock.get(layer, 0) / self.half_life + self._offset
         self._clock[layer] = self._clock.get(layer, 0) + 1
-        old = self._score.get(key)
+        # A predicted key's standing use is replaced by the real one, not added to it.
+        old = self._before_prediction.pop(key) if key in self._before_prediction else \
+            self._score.get(key)
         if old is None:
             new = now
         else:  # log2(2^old + 2^now) without overflow
@@ -276,9 +279,12 @@ class LRFUPolicy(CachePolicy):
         return found
 
     def _on_predict(self, key: Key) -> None:
-        """A predicted use counts like a use now (without advancing the layer's clock)."""
+        """Until its use, a predicted key ranks as if used now (without advancing the layer's
+        clock); the real use then replaces that standing use instead of adding to it, and a
+        mispredicted key keeps it and ages like any once-used expert."""
         now = self._clock.get(key[0], 0) / self.half_life + self._offset
         old = self._score.get(key)
+        self._before_prediction[key] = old
         self._score[key] = now if old is None else max(old, now) + math.log2(1.0 + 2.0 ** -abs(old - now))
 
     def seed(self, counts: Counts) -> None:

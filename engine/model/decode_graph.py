@@ -32,7 +32,7 @@ from engine.model.moe import route
 
 log = logging.getLogger(__name__)
 # Attending the whole capacity costs nothing next to the rest of a step up to this many keys.
-STATIC_MIN_CAPACITY = 4096
+STATIC_MIN_CAPACITY = 32768  # ~10 MB of latents per layer: ~0.1 ms per token on an H100
 GRAPH_SETS = 4  # cache buffer sets whose captured steps are kept (a few MB each)
 
 
@@ -193,6 +193,9 @@ def _poison(out: StepOutputs) -> None:
 def _same(a: StepOutputs, b: StepOutputs) -> bool:
     """The replay ran the eager run's kernels on the same inputs: equal up to rounding noise."""
     if not torch.equal(a.top_idx, b.top_idx):
+        return False
+    if (a.predicted is None) != (b.predicted is None) or (
+            a.predicted is not None and not torch.equal(a.predicted, b.predicted)):
         return False
     pairs = [(a.h, b.h), (a.x, b.x), (a.top_weights, b.top_weights), (a.shared, b.shared)]
     return all(torch.allclose(p.float(), q.float(), rtol=1e-2, atol=1e-3) for p, q in pairs)

@@ -76,6 +76,12 @@ def usable(device: torch.device, dtype: torch.dtype) -> bool:
     return _checked[key]
 
 
+def disable(device: torch.device, dtype: torch.dtype, reason: Exception) -> None:
+    """The fused path failed on a real call: the materialised path serves from now on."""
+    log.warning("fused block attention failed on %s %s (%s): disabled", device, dtype, reason)
+    _checked[(str(device), dtype)] = False
+
+
 def _self_test(device: torch.device, dtype: torch.dtype) -> bool:
     """Two past blocks and a causal diagonal block, with unequal widths, against softmax."""
     try:

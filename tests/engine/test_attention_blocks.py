@@ -263,3 +263,21 @@ def test_fused_path_is_checked_before_use_and_falls_back(monkeypatch):
     _force_key_block(monkeypatch, CFG, 16, 7, torch.float32)
     args = _inputs(CFG, 23, 37, torch.float32)
     assert_close("fallback", attention._expanded(CFG, *args, 37), _reference_expanded(CFG, *args, 37), 1e-5)
+
+
+def test_a_fused_kernel_error_on_a_real_call_falls_back_for_good(monkeypatch):
+    """The self-test runs small shapes; should the kernel refuse the real ones, that block and
+    every later one take the materialised path, with the same results."""
+    assert fused_attention.usable(torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(fused_attention, "_checked", dict(fused_attention._checked))
+
+    def refuses(*args, **kwargs):
+        raise RuntimeError("unsupported head dim")
+
+    monkeypatch.setattr(fused_attention, "block_attention", refuses)
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 16)
+    _force_key_block(monkeypatch, CFG, 16, 7, torch.float32)
+    args = _inputs(CFG, 23, 37, torch.float32)
+    assert_close("fallback after an error", attention._expanded(CFG, *args, 37),
+                 _reference_expanded(CFG, *args, 37), 1e-5)
+    assert not fused_attention.usable(torch.device("cpu"), torch.float32)

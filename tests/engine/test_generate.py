@@ -28,7 +28,9 @@ class ScriptedModel:
     def embed_ids(self, ids: list[int]) -> torch.Tensor:
         return torch.zeros(len(ids), 1)
 
-    def forward(self, embeds: torch.Tensor, cache: LatentKVCache) -> torch.Tensor:
+    def forward(self, embeds: torch.Tensor, cache: LatentKVCache, should_stop=None) -> torch.Tensor:
+        if should_stop is not None and should_stop():  # as the decoder checks before each layer
+            raise InterruptedError
         cache.commit(embeds.shape[0])
         token = self.script[min(self.num_forwards, len(self.script) - 1)]
         self.num_forwards += 1
@@ -111,6 +113,24 @@ def test_cancel_during_prefill(formatter):
                     is_cancelled=lambda: True, prefill_chunk=16)
     with pytest.raises(CancelledError):
         gen.run()
+
+
+def test_cancel_inside_a_prefill_chunk(formatter):
+    """A GPU prefill chunk is seconds of work: a cancel arriving during it stops it there,
+    and the cache keeps only what was committed before."""
+    model = ScriptedModel(formatter, [5])
+    calls = {"n": 0}
+
+    def cancelled_after_first_check() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 1  # False before the chunk, True when the model asks mid-chunk
+
+    cache = _cache()
+    gen = Generator(model, Prompt(list(range(100, 400))), api.SamplingParams(max_tokens=4), cache,
+                    is_cancelled=cancelled_after_first_check, prefill_chunk=512)
+    with pytest.raises(CancelledError):
+        gen.run()
+    assert calls["n"] == 2 and cache.offset == 0 and model.num_forwards == 0
 
 
 def test_prompt_longer_than_the_context_is_refused(formatter):

@@ -180,20 +180,20 @@ def test_lrfu_beats_lru_and_nears_belady_on_the_synthetic_trace(synthetic: np.nd
 
 def test_shift_lrfu_nears_belady_on_the_calibrated_trace() -> None:
     # The acceptance setting: 21 slots per layer, 64 warm-up tokens, then 256 measured
-    # against Belady with bypass from a cold start. Measured (2 layers, seeds 0-3, mean):
-    # ShiftLRFU 0.827 of Belady, LRFU 0.809 (36 layers, seeds 0-15: 0.824 vs 0.782).
+    # against Belady with bypass that saw the same warm-up (as the bench computes it).
+    # Measured (2 layers, seeds 0-3): ShiftLRFU 0.808 mean (min 0.770), LRFU 0.790 (min 0.744).
     ratios: dict[type, list[float]] = {ShiftLRFUPolicy: [], LRFUPolicy: []}
     for seed in range(4):
         trace = synthetic_trace(320, 2, 128, 4, seed=seed)
-        optimum = belady_hit_rate(trace[64:], 21)
+        optimum = belady_hit_rate(trace, 21, warmup_tokens=64)
         for cls, found in ratios.items():
             policy = cls(slots_per_layer=[21, 21])
             simulate(policy, trace[:64])
             found.append(simulate(policy, trace[64:]) / optimum)
     new, old = np.mean(ratios[ShiftLRFUPolicy]), np.mean(ratios[LRFUPolicy])
-    assert new >= 0.815, ratios
+    assert new >= 0.80, ratios
     assert new >= old + 0.01, ratios
-    assert min(ratios[ShiftLRFUPolicy]) >= 0.78, ratios
+    assert min(ratios[ShiftLRFUPolicy]) >= 0.765, ratios
 
 
 def test_global_pool_lrfu_beats_lru(synthetic: np.ndarray) -> None:
@@ -266,3 +266,19 @@ def test_belady_with_a_warm_up_counts_only_the_later_tokens() -> None:
     tr = synthetic_trace(120, 3, 32, 2, seed=4)
     assert belady_hit_rate(tr, 5, warmup_tokens=40) >= belady_hit_rate(tr[40:], 5)
     assert belady_hit_rate(tr, 5, warmup_tokens=0) == belady_hit_rate(tr, 5)
+
+
+@pytest.mark.parametrize("cls", [LRFUPolicy, ShiftLRFUPolicy], ids=["lrfu", "shift"])
+def test_a_predicted_use_is_not_counted_twice(cls) -> None:
+    """The standing use a prediction gives is replaced by the real use: a correctly predicted
+    expert scores like one used once, and a mispredicted one keeps a single standing use."""
+    predicted, demanded = cls(slots_per_layer=[4]), cls(slots_per_layer=[4])
+    for policy in (predicted, demanded):
+        for key in [(0, 1), (0, 2), (0, 3)]:
+            policy.access(key)
+    predicted.admit_prefetch((0, 7))
+    predicted.lookup((0, 7))  # the predicted use happens: a hit
+    demanded.lookup((0, 7))  # the same use, not predicted: a miss ...
+    demanded.admit((0, 7))  # ... then cached
+    assert predicted._score[(0, 7)] == pytest.approx(demanded._score[(0, 7)])
+    assert predicted._before_prediction == {}
