@@ -93,6 +93,10 @@ def decode_run(model, depth: int, num_tokens: int, warmup: int, head_s: float,
                real_layers: int) -> dict:
     """Per-token decode times after `warmup` tokens, at a KV depth; tok/s scaled to 36 layers."""
     cache = model.decoder.new_cache()
+    # Room for the whole run up front, as the app's generator reserves prompt + answer: the
+    # cache never regrows mid-run (no recapture inside the timed window) and decode attends
+    # what the app would.
+    cache.reserve(depth + warmup + num_tokens)
     fill_cache(cache, depth)
     token = 1
     times = []
