@@ -81,26 +81,35 @@ def run_experts(x: torch.Tensor, top_idx: torch.Tensor, top_weights: torch.Tenso
     is read to the host once, so the loop itself never waits on the GPU.
     """
     routes = _routes(top_idx, x.device)
-    outputs: dict[int, object] = {}
-    for e, (token_idx, slot) in routes.items():
+    out = torch.zeros_like(x)
+    # Outputs wait here only from the first Deferred one on (the sum must stay in id order);
+    # before that each is added at once, so a prefill chunk never holds all K x T outputs.
+    waiting: dict[int, object] = {}
+    for e, (token_idx, slot) in routes.items():  # ascending expert id
         source = expert_weights(e)
         if isinstance(source, Deferred):
-            outputs[e] = source
+            waiting[e] = source
             continue
         xs = x if token_idx is None else x[token_idx]
         ys = source(xs) if callable(source) else expert_mlp(xs, *source)
-        outputs[e] = ys * _weights(top_weights, token_idx, slot)
-    out = torch.zeros_like(x)
-    for e in sorted(outputs):
+        ys = ys * _weights(top_weights, token_idx, slot)
+        if waiting:
+            waiting[e] = ys
+        else:
+            _accumulate(out, token_idx, ys)
+    for e, ys in waiting.items():  # insertion order is id order
         token_idx, slot = routes[e]
-        ys = outputs[e]
         if isinstance(ys, Deferred):
             ys = ys.result().to(x.device) * _weights(top_weights, token_idx, slot)
-        if token_idx is None:
-            out += ys.to(out.dtype)
-        else:
-            out.index_add_(0, token_idx, ys.to(out.dtype))
+        _accumulate(out, token_idx, ys)
     return out
+
+
+def _accumulate(out: torch.Tensor, token_idx: torch.Tensor | None, ys: torch.Tensor) -> None:
+    if token_idx is None:
+        out += ys.to(out.dtype)
+    else:
+        out.index_add_(0, token_idx, ys.to(out.dtype))
 
 
 def _routes(top_idx: torch.Tensor, device: torch.device
