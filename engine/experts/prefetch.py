@@ -5,7 +5,8 @@ The copies run on a side CUDA stream queued behind the layer's demand copies, so
 delay a miss that is needed now, and each slot they fill carries an event that a later use
 (or refill) of the slot waits on. A queued CUDA copy cannot be cancelled: a prediction the
 routing then disagrees with only costs the bytes, and the mispredicted expert stays in the
-cache as an ordinary low-score resident that the policy evicts first. Whether prefetch pays
+cache ranked like an expert used once when it was predicted (the policy's admit_prefetch),
+aging out like any other. Whether prefetch pays
 is the benchmark's call (`python -m engine.bench --prefetch`): the prior-art note measured
 0-14%, since prefetched bytes share the same PCIe link as demand misses.
 
