@@ -208,10 +208,7 @@ class OffloadedExperts:
             plan[expert] = Deferred(job.result)
         if self.prefetcher is not None:
             self._prefetch_next(layer, slots.device)
-        out = run_experts(x, top_idx, top_weights, plan.__getitem__)
-        if self.prefetcher is not None:
-            self.prefetcher.after_compute(layer, slots.device)
-        return out
+        return run_experts(x, top_idx, top_weights, plan.__getitem__)
 
     def _before_slot_use(self, layer: int, slot: int) -> None:
         if self.prefetcher is not None:

@@ -25,7 +25,6 @@ class SlotPrefetcher:
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         # (layer, slot) -> (the copy's done event, the slot's device)
         self._pending: dict[tuple[int, int], tuple[torch.cuda.Event, torch.device]] = {}
-        self._last_read: dict[int, torch.cuda.Event] = {}  # layer -> its experts' compute queued
         self.num_issued = 0
         self.num_used = 0
         self.num_wasted = 0
@@ -34,6 +33,7 @@ class SlotPrefetcher:
 
     def issue(self, slots, layer: int, fills: list[tuple[int, int]], after: torch.cuda.Event | None
               ) -> None:
+        """`after` is None only on the CPU (no streams)."""
         """Copy `fills` [(slot, expert)] of `slots` (a LayerSlots) behind the event `after`
         (the demand copies of the layer computing now)."""
         if not fills:
@@ -45,10 +45,10 @@ class SlotPrefetcher:
                 self.bytes_copied += slots.fill(slot, expert)
             return
         stream = self._stream(slots.device)
-        if after is not None:
-            stream.wait_event(after)
-        if layer in self._last_read:  # the evicted experts may still be read by queued compute
-            stream.wait_event(self._last_read[layer])
+        # `after` was recorded on this device's compute stream once the current layer's demand
+        # copies were queued, so it also follows every earlier read of the target layer's slots
+        # (the previous token's compute): refilling an evicted slot cannot race with it.
+        stream.wait_event(after)
         with torch.cuda.stream(stream):
             for slot, expert in fills:
                 self.bytes_copied += slots.fill(slot, expert)
@@ -75,13 +75,6 @@ class SlotPrefetcher:
         hit = unused & used
         self.num_used += len(hit)
         self.num_wasted += len(unused - hit)
-
-    def after_compute(self, layer: int, device: torch.device) -> None:
-        """Record that layer's expert compute is queued: prefetches into its slots wait for it."""
-        if device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(device))
-            self._last_read[layer] = event
 
     def _stream(self, device: torch.device) -> torch.cuda.Stream:
         if device not in self._streams:

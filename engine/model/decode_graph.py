@@ -67,12 +67,14 @@ def static_step(decoder, i: int, h: torch.Tensor, pos: torch.Tensor, cache: Late
     x = rms_norm(h, layer.post_attention_layernorm, cfg.rms_norm_eps)
     top_weights, top_idx = route(cfg, x, layer.moe.gate)
     shared = gated_mlp(x, layer.moe.shared_gate, layer.moe.shared_up, layer.moe.shared_down)
-    predicted = None
-    if predict:
-        nxt = decoder.layers[i + 1]
-        predicted = route(cfg, rms_norm(h, nxt.post_attention_layernorm, cfg.rms_norm_eps),
-                          nxt.moe.gate)[1]
+    predicted = predict_next_experts(cfg, decoder.layers[i + 1], h) if predict else None
     return StepOutputs(h, x, top_weights, top_idx, shared, predicted)
+
+
+def predict_next_experts(cfg, nxt, h: torch.Tensor) -> torch.Tensor:
+    """The next layer's router applied to this layer's residual stream (which changes little
+    from one layer to the next): the experts prefetch may start copying. -> [T, K]"""
+    return route(cfg, rms_norm(h, nxt.post_attention_layernorm, cfg.rms_norm_eps), nxt.moe.gate)[1]
 
 
 class _Captured:

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from engine.checkpoint import Checkpoint
 from engine.kv.cache import LatentKVCache
 from engine.model.attention import AttentionWeights, PositionTables, mla_attention
-from engine.model.decode_graph import DecodeSteps
+from engine.model.decode_graph import DecodeSteps, predict_next_experts
 from engine.model.layers import rms_norm
-from engine.model.moe import ExpertBackend, MoEWeights, moe_block, route
+from engine.model.moe import ExpertBackend, MoEWeights, moe_block
 from engine.model.names import TEXT, attention_linears, layer_prefix
 from engine.model.rope import Rope
 from engine.quant import dequantize
@@ -88,13 +88,9 @@ class DecoderModel:
         self.decode_steps: DecodeSteps | None = None
 
     def _predict_next_layer(self, i: int, h: torch.Tensor) -> None:
-        """Layer i+1's router applied to layer i's residual stream (which changes little from
-        one layer to the next): the experts the backend may start copying while layer i runs."""
-        if i + 1 >= len(self.layers) or self.layers[i + 1].device != h.device:
-            return
-        nxt = self.layers[i + 1]
-        x = rms_norm(h, nxt.post_attention_layernorm, self.cfg.rms_norm_eps)
-        self.experts.expect(i + 1, route(self.cfg, x, nxt.moe.gate)[1])
+        """Tell the backend layer i+1's likely experts while layer i runs (same device only)."""
+        if i + 1 < len(self.layers) and self.layers[i + 1].device == h.device:
+            self.experts.expect(i + 1, predict_next_experts(self.cfg, self.layers[i + 1], h))
 
     def new_cache(self) -> LatentKVCache:
         cfg = self.cfg
