@@ -1,7 +1,8 @@
 """Placement planner: which device holds which layers, KV cache and expert slots; RAM or mmap.
 
-Pure byte arithmetic (no torch): layers go to the targets in order, embeddings and vision on the
-first, lm_head on the last; what a GPU has left becomes expert slots for its own layers."""
+Pure byte arithmetic (no torch): layers go to the targets in order, lm_head on the last, the
+embedding table and the vision encoder in host memory; what a GPU has left becomes expert slots
+for its own layers."""
 
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ DEFAULT_GPU_MARGIN_BYTES = GiB  # CUDA context, fragmentation, other processes
 # plus the expert streaming buffers (0.2 GiB, engine.experts.streaming); the norms' fp32
 # temporaries and the MoE phase stay below that.
 DEFAULT_WORKSPACE_BYTES = 3 * GiB // 2
+# Reading one image of the largest size (engine.images) on the GPU: the encoder's activations
+# and its block attention mask, beside its weights copied in (0.81 GB); both fit in the workspace.
+VISION_ACTIVATION_BYTES = GiB // 2
 HOST_MARGIN_FRACTION = 0.10  # pinned store: experts + 10% (the mission's host-memory rule) ...
 HOST_SAFETY_BYTES = 4 * GiB  # ... + room for the OS and the app
 MIN_CONTEXT, CONTEXT_STEP = 4096, 1024  # proposals: shortest useful context, its granularity
@@ -105,9 +109,8 @@ class TargetPlan:
     budget_bytes: int
     first_layer: int
     num_layers: int
-    has_embed: bool
     has_lm_head: bool
-    has_vision: bool
+    has_vision: bool  # reads images: the encoder's weights come in from the host per image
     dense_bytes: int
     kv_bytes: int
     workspace_bytes: int
@@ -180,13 +183,15 @@ class PlacementPlan:
         for t in self.targets:
             items = [(True, f"dense layers {t.first_layer}-{t.layers.stop - 1}",
                       t.num_layers * shape.dense_bytes_per_layer),
-                     (t.has_embed, "embeddings", shape.embed_bytes),
-                     (t.has_vision, "vision", shape.vision_bytes),
                      (t.has_lm_head, "lm_head", shape.lm_head_bytes),
                      (True, f"KV cache ({self.context_length:,} tokens)", t.kv_bytes),
                      (True, f"expert cache ({t.num_expert_slots:,} slots)", t.expert_cache_bytes),
                      (t.workspace_bytes > 0, "workspace", t.workspace_bytes)]
             rows += [(t.device, what, num_bytes) for keep, what, num_bytes in items if keep]
+        rows.append(("cpu", "embeddings", shape.embed_bytes))
+        if shape.vision_bytes:
+            rows.append(("cpu", "vision encoder (copied to the GPU per image)"
+                         if self.targets[0].is_gpu else "vision encoder", shape.vision_bytes))
         where = ("cpu", "pinned") if self.host_store == "pinned" else ("disk", "memory-mapped")
         return rows + [(where[0], f"routed experts ({where[1]})", shape.host_expert_bytes)]
 
@@ -238,8 +243,21 @@ def _split_layers(num_layers: int, weights: Sequence[float]) -> list[int]:
 
 
 def _fixed_bytes(shape: ModelShape, position: int, num_targets: int) -> int:
-    is_last = position == num_targets - 1
-    return (shape.embed_bytes + shape.vision_bytes) * (position == 0) + shape.lm_head_bytes * is_last
+    """Bytes beside the layers on a target: only lm_head (on the last). The embedding table and
+    the vision encoder stay in host memory: a lookup moves 8 KB per token, and the encoder's
+    weights are copied into the (then idle) prefill workspace while an image is read."""
+    return shape.lm_head_bytes * (position == num_targets - 1)
+
+
+def _host_fixed_bytes(shape: ModelShape) -> int:
+    return shape.embed_bytes + shape.vision_bytes
+
+
+def _workspace(shape: ModelShape, position: int, workspace_bytes: int) -> int:
+    """A GPU's workspace; the first GPU's also holds the vision encoder while it reads an image."""
+    if position == 0 and shape.vision_bytes:
+        return max(workspace_bytes, shape.vision_bytes + VISION_ACTIVATION_BYTES)
+    return workspace_bytes
 
 
 def _allocate_slots(num_slots: int, first_layer: int, num_layers: int, num_experts: int,
@@ -290,14 +308,15 @@ def plan_placement(
                                        host_available_bytes)
     # Layers in proportion to what each GPU has left after its fixed parts, so every layer
     # gets about as many expert slots; a CPU target counts as an average GPU.
-    gpu_room = [max(1, budget - _fixed_bytes(shape, i, len(resolved)) - workspace_bytes)
+    gpu_room = [max(1, budget - _fixed_bytes(shape, i, len(resolved)) - _workspace(shape, i, workspace_bytes))
                 for i, (_, index, budget) in enumerate(resolved) if index is not None]
     cpu_share = sum(gpu_room) / len(gpu_room) if gpu_room else 1.0
     room = iter(gpu_room)
     weights = [float(next(room)) if index is not None else cpu_share for _, index, _ in resolved]
     counts = _split_layers(shape.num_layers, weights)
     plans = [_plan_target(shape, t, i, len(resolved), sum(counts[:i]), counts[i], context_length,
-                          expert_slots_per_layer, miss_curves, workspace_bytes * (t[1] is not None))
+                          expert_slots_per_layer, miss_curves,
+                          _workspace(shape, i, workspace_bytes) * (t[1] is not None))
              for i, t in enumerate(resolved)]
     problems = [r for t in plans for r in _target_problems(shape, t)]
     host_store, host_reasons, host_ok = _host_store(shape, plans, host_available_bytes,
@@ -312,7 +331,7 @@ def _plan_target(shape: ModelShape, target: _Target, position: int, num_targets:
                  forced_slots: int | None, miss_curves: Sequence[Sequence[float]] | None,
                  workspace_bytes: int) -> TargetPlan:
     device, gpu_index, budget = target
-    is_first, is_last = position == 0, position == num_targets - 1
+    is_last = position == num_targets - 1
     dense = num_layers * shape.dense_bytes_per_layer + _fixed_bytes(shape, position, num_targets)
     kv = num_layers * shape.kv_bytes_per_token_per_layer * context_length
     if forced_slots is not None:
@@ -322,8 +341,8 @@ def _plan_target(shape: ModelShape, target: _Target, position: int, num_targets:
     else:
         num_free = max(0, budget - dense - kv - workspace_bytes) // shape.expert_bytes
         slots = _allocate_slots(num_free, first_layer, num_layers, shape.num_experts, miss_curves)
-    return TargetPlan(device, gpu_index, budget, first_layer, num_layers, is_first, is_last,
-                      is_first and shape.vision_bytes > 0, dense, kv, workspace_bytes, slots,
+    return TargetPlan(device, gpu_index, budget, first_layer, num_layers, is_last,
+                      position == 0 and shape.vision_bytes > 0, dense, kv, workspace_bytes, slots,
                       shape.expert_bytes)
 
 
@@ -341,7 +360,7 @@ def _target_problems(shape: ModelShape, t: TargetPlan) -> list[str]:
 def _host_store(shape: ModelShape, plans: Sequence[TargetPlan], available: int,
                 total: int | None) -> tuple[str, list[str], bool]:
     """Pinned RAM when experts + 10% + safety fit next to what CPU targets hold, else mmap."""
-    on_cpu = sum(t.used_bytes for t in plans if not t.is_gpu)
+    on_cpu = sum(t.used_bytes for t in plans if not t.is_gpu) + _host_fixed_bytes(shape)
     pinned_need = int(shape.host_expert_bytes * (1 + HOST_MARGIN_FRACTION)) + HOST_SAFETY_BYTES
     if on_cpu + HOST_SAFETY_BYTES > available:
         return "mmap", [f"RAM: the CPU target needs {format_gb(on_cpu + HOST_SAFETY_BYTES)} with "

@@ -73,8 +73,11 @@ class DecoderModel:
         cfg = ckpt.config
         self.cfg, self.dtype, self.experts = cfg, dtype, experts
         self.layer_devices = layer_devices
-        first, last = layer_devices[0], layer_devices[-1]
-        self.embed_tokens = ckpt.get(f"{TEXT}.embed_tokens.weight").to(dtype=dtype, device=first)
+        last = layer_devices[-1]
+        # In host memory on every load (1 GB at the real shape): a lookup moves 8 KB per token to
+        # the first layer's device, and the GPU keeps that gigabyte for expert slots. A whole
+        # prompt's embeddings then stay on the host too, and each prefill chunk moves on its own.
+        self.embed_tokens = ckpt.get(f"{TEXT}.embed_tokens.weight").to(dtype=dtype)
         self.layers: list[LayerWeights] = []
         for layer in range(cfg.num_hidden_layers):
             self.layers.append(load_layer(ckpt, layer, dtype, layer_devices[layer]))
@@ -98,7 +101,7 @@ class DecoderModel:
                              self.dtype, list(self.layer_devices))
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids.to(self.embed_tokens.device), self.embed_tokens)  # [T, H]
+        return F.embedding(ids.cpu(), self.embed_tokens)  # [T, H] on the host
 
     def forward(self, embeds: torch.Tensor, cache: LatentKVCache, *, logits_for: str = "last",
                 absorb: bool | None = None, should_stop: Callable[[], bool] | None = None

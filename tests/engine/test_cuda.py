@@ -168,3 +168,31 @@ def test_cuda_streamed_prefill_reuses_its_staging_buffers(tiny_checkpoint, refer
                                                      expert_cache_slots=0))
     assert_close("streamed groups of 2", _logits(model, prefill=70), reference_logits, 1e-3)
     model.close()
+
+
+def test_cuda_image_prompt_borrows_the_gpu_only_while_encoding(tiny_checkpoint, tmp_path):
+    """The vision encoder's weights live in pinned host memory; an image is read on the GPU
+    with copies that are freed after (the placement plan gives that room to expert slots)."""
+    from PIL import Image
+
+    img_path = tmp_path / "photo.png"
+    Image.effect_mandelbrot((90, 60), (-2.0, -1.2, 1.0, 1.2), 64).convert("RGB").save(img_path)
+    msg = api.ChatMessage("user", "What is in this picture?", images=(img_path,))
+    on_cpu = LoadedModel(tiny_checkpoint, LoadOptions(device="cpu", dtype="float32"))
+    prompt = on_cpu.formatter.build([msg], "", "none")
+    expected = on_cpu.forward(on_cpu.embed_prompt(prompt, 0), on_cpu.decoder.new_cache(),
+                              logits_for="all")
+    model = LoadedModel(tiny_checkpoint, LoadOptions(device="cuda", dtype="float32",
+                                                     expert_cache_slots=2))
+    vision = model.vision
+    assert all(t.is_pinned() for t in vision._host.values())
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    embeds = model.embed_prompt(prompt, 0)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before  # the encoder's copies are gone
+    assert embeds.device.type == "cpu"
+    ours = model.forward(embeds, model.decoder.new_cache(), logits_for="all").cpu()
+    assert_close("cuda image prompt", ours, expected, 1e-3)
+    model.close()
+    on_cpu.close()

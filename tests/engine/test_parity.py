@@ -106,6 +106,10 @@ def test_image_prompt_logits_match_reference(tiny_checkpoint, tmp_path):
         expected = ref(input_ids=torch.tensor([prompt.ids]), pixel_values=pixels,
                        image_sizes=torch.tensor([[pixels.shape[2], pixels.shape[3]]])).logits[0]
     assert_close("image prompt", ours, expected, FP32_ATOL)
+    # The encoder's modules hold no weights of their own (one host copy, passed in per run),
+    # and the prompt's embeddings stay in host memory until their prefill chunk runs.
+    assert {p.device.type for p in model.vision.tower.parameters()} == {"meta"}
+    assert model.embed_prompt(prompt, 0).device.type == "cpu"
     # The image really changes the answer's logits (the features were injected).
     text_only = model.formatter.build([api.ChatMessage("user", "What is in this picture?")], "", "none")
     assert len(text_only.ids) < len(prompt.ids)

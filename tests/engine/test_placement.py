@@ -60,15 +60,17 @@ def test_h100_with_24gib_budget() -> None:
     assert plan.fits and plan.reasons == ()
     (target,) = plan.targets
     assert (target.device, target.layers) == ("cuda:0", range(36))
-    assert target.has_embed and target.has_lm_head and target.has_vision
-    # 24 GiB - 4.91 GB dense - 0.75 GB KV - 1.5 GiB workspace = 18.49 GB = 734 experts of 25.2 MB,
-    # the remainder of 734 / 36 on the later layers (they route more narrowly)
-    assert target.dense_bytes == 36 * 54_300_000 + 2 * 1_073_741_824 + 810_000_000
+    assert target.has_lm_head and target.has_vision
+    # 24 GiB - 3.03 GB dense (layers + lm_head; the embeddings and the vision encoder stay in
+    # RAM) - 0.75 GB KV - 1.5 GiB workspace = 20.37 GB = 809 experts of 25.2 MB, the remainder
+    # of 809 / 36 on the later layers (they route more narrowly)
+    assert target.dense_bytes == 36 * 54_300_000 + 1_073_741_824
     assert target.kv_bytes == 640 * 36 * 32768
-    assert plan.num_expert_slots == 734 and plan.slots_per_layer() == (20,) * 22 + (21,) * 14
+    assert target.workspace_bytes == DEFAULT_WORKSPACE_BYTES  # holds the vision encoder per image
+    assert plan.num_expert_slots == 809 and plan.slots_per_layer() == (22,) * 19 + (23,) * 17
     assert target.used_bytes <= 24 * GiB
     assert plan.host_store == "pinned"
-    assert plan.summary() == ("fits: 4.9 GB dense + 18 GB expert cache (734 of 4,608 experts) "
+    assert plan.summary() == ("fits: 3.0 GB dense + 20 GB expert cache (809 of 4,608 experts) "
                               "+ 0.8 GB KV on GPU 0; 116 GB experts in RAM")
 
 
@@ -89,8 +91,8 @@ def test_two_24gb_cards_split_layers_in_order() -> None:
     assert plan.fits
     assert first.layers.start == 0 and first.layers.stop == second.layers.start
     assert second.layers.stop == 36
-    assert first.has_embed and first.has_vision and not first.has_lm_head
-    assert second.has_lm_head and not second.has_embed
+    assert first.has_vision and not first.has_lm_head
+    assert second.has_lm_head and not second.has_vision
     for t in plan.targets:
         assert t.budget_bytes == 25_200_000_000 - GiB  # free minus the default margin
         assert t.used_bytes <= t.budget_bytes
@@ -119,8 +121,9 @@ def test_ram_short_means_mmap() -> None:
     assert any("memory-mapped" in r for r in plan.reasons)
     assert plan.summary().endswith("116 GB experts memory-mapped from disk")
     assert ("disk", "routed experts (memory-mapped)", MS4.host_expert_bytes) in plan.to_parts()
-    # Pinned needs the experts + 10% + the safety headroom: just below that is mmap.
-    edge = int(MS4.host_expert_bytes * 1.1) + 4 * GiB
+    # Pinned needs the experts + 10% + the safety headroom + the embeddings and vision encoder
+    # kept in RAM: just below that is mmap.
+    edge = int(MS4.host_expert_bytes * 1.1) + 4 * GiB + MS4.embed_bytes + MS4.vision_bytes
     assert plan_placement(MS4, [H100], host_available_bytes=edge, context_length=4096,
                           gpu_budget="24GiB").host_store == "pinned"
     assert plan_placement(MS4, [H100], host_available_bytes=edge - 1, context_length=4096,
@@ -143,7 +146,7 @@ def test_does_not_fit_proposes_a_shorter_context() -> None:
 
 
 def test_does_not_fit_proposes_more_gpus() -> None:
-    small = [GpuInfo(i, "6 GB card", 6 * GiB, 6 * GiB) for i in (0, 1)]
+    small = [GpuInfo(i, "5 GB card", 5 * GiB, 5 * GiB) for i in (0, 1)]
     plan = plan_placement(MS4, small, host_available_bytes=RAM_OK, context_length=32768,
                           targets=["cuda:0"])
     assert not plan.fits
@@ -164,7 +167,7 @@ def test_forced_slots_that_do_not_fit_propose_fewer() -> None:
                           gpu_budget="24GiB", expert_slots_per_layer=40)
     assert not plan.fits
     assert plan.smaller_plan is not None
-    assert plan.smaller_plan.slots_per_layer() == (21,) * 36  # the most that fits 24 GiB
+    assert plan.smaller_plan.slots_per_layer() == (23,) * 36  # the most that fits 24 GiB
 
 
 def test_two_targets_on_one_cpu() -> None:
@@ -172,7 +175,7 @@ def test_two_targets_on_one_cpu() -> None:
                           targets=["cpu", "cpu"])
     assert plan.fits and [t.device for t in plan.targets] == ["cpu", "cpu"]
     assert [t.layers for t in plan.targets] == [range(0, 18), range(18, 36)]
-    assert plan.targets[0].has_embed and plan.targets[1].has_lm_head
+    assert plan.targets[0].has_vision and plan.targets[1].has_lm_head
 
 
 def test_two_targets_on_one_gpu_share_its_budget() -> None:
@@ -210,18 +213,18 @@ def test_miss_curves_give_slots_where_they_save_misses() -> None:
     flat = [1.0 - c * 0.001 for c in range(9)]
     medium = [1.0, 0.7, 0.65, 0.64, 0.63, 0.62, 0.61, 0.6, 0.59]  # first slot saves 0.3
     gpu = GpuInfo(0, "test", 10**9, 10**9)
-    # budget: 6 MB dense + 1 MB workspace + 8 slots; KV is tiny
+    # budget: 5 MB dense (4 layers + lm_head) + 1 MB workspace + 8 slots; KV is tiny
     plan = plan_placement(shape, [gpu], host_available_bytes=RAM_OK, context_length=100,
-                          gpu_budget=15 * 10**6 + 4000, workspace_bytes=10**6,
+                          gpu_budget=14 * 10**6 + 4000, workspace_bytes=10**6,
                           miss_curves=[flat, steep, flat, flat])
     assert plan.slots_per_layer() == (0, 8, 0, 0)
     mixed = plan_placement(shape, [gpu], host_available_bytes=RAM_OK, context_length=100,
-                           gpu_budget=15 * 10**6 + 4000, workspace_bytes=10**6,
+                           gpu_budget=14 * 10**6 + 4000, workspace_bytes=10**6,
                            miss_curves=[flat, steep, medium, flat])
     # the 8 largest savings: steep .5 .2 .1 .05 .03 .02, medium .3 .05
     assert mixed.slots_per_layer() == (0, 6, 2, 0)
     even = plan_placement(shape, [gpu], host_available_bytes=RAM_OK, context_length=100,
-                          gpu_budget=15 * 10**6 + 4000, workspace_bytes=10**6)
+                          gpu_budget=14 * 10**6 + 4000, workspace_bytes=10**6)
     assert even.slots_per_layer() == (2, 2, 2, 2)
 
 
@@ -231,5 +234,6 @@ def test_to_parts_adds_up_to_the_plan() -> None:
     for t in plan.targets:
         assert sum(n for device, _, n in parts if device == t.device) == t.used_bytes
     assert ("cpu", "routed experts (pinned)", MS4.host_expert_bytes) in parts
-    assert any(what == "embeddings" and device == "cuda:0" for device, what, _ in parts)
+    assert ("cpu", "embeddings", MS4.embed_bytes) in parts  # looked up on the host
+    assert ("cpu", "vision encoder (copied to the GPU per image)", MS4.vision_bytes) in parts
     assert any(what == "lm_head" and device == "cuda:1" for device, what, _ in parts)
