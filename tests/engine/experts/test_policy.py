@@ -16,6 +16,7 @@ from engine.experts.policy import (
     simulate,
 )
 from engine.experts.traces import random_trace, routing_counts, synthetic_trace
+from engine.placement import GpuInfo, ModelShape, plan_placement
 
 A, B, C, D = (0, 0), (0, 1), (0, 2), (0, 3)
 
@@ -179,21 +180,27 @@ def test_lrfu_beats_lru_and_nears_belady_on_the_synthetic_trace(synthetic: np.nd
 
 
 def test_shift_lrfu_nears_belady_on_the_calibrated_trace() -> None:
-    # The acceptance setting: 21 slots per layer, 64 warm-up tokens, then 256 measured
-    # against Belady with bypass that saw the same warm-up (as the bench computes it).
-    # Measured (2 layers, seeds 0-3): ShiftLRFU 0.808 mean (min 0.770), LRFU 0.790 (min 0.744).
+    # The acceptance setting: the 24 GiB plan's slots (first and last layer's counts), 64
+    # warm-up tokens, then 256 measured against Belady with bypass that saw the same warm-up
+    # (as the bench computes it). Measured (2 layers, seeds 0-3, 22 and 23 slots): ShiftLRFU
+    # 0.821 mean (min 0.782), LRFU 0.804 (min 0.757); at 21 and 21, 0.808 and 0.790.
+    plan = plan_placement(ModelShape.for_mistral_small_4(),
+                          [GpuInfo(0, "H100", 85_520_000_000, 84_900_000_000)],
+                          host_available_bytes=240 * 10**9, context_length=32768, gpu_budget="24GiB")
+    sizes = [plan.slots_per_layer()[0], plan.slots_per_layer()[-1]]
+    assert sizes == [22, 23]
     ratios: dict[type, list[float]] = {ShiftLRFUPolicy: [], LRFUPolicy: []}
     for seed in range(4):
         trace = synthetic_trace(320, 2, 128, 4, seed=seed)
-        optimum = belady_hit_rate(trace, 21, warmup_tokens=64)
+        optimum = belady_hit_rate(trace, sizes, warmup_tokens=64)
         for cls, found in ratios.items():
-            policy = cls(slots_per_layer=[21, 21])
+            policy = cls(slots_per_layer=sizes)
             simulate(policy, trace[:64])
             found.append(simulate(policy, trace[64:]) / optimum)
     new, old = np.mean(ratios[ShiftLRFUPolicy]), np.mean(ratios[LRFUPolicy])
-    assert new >= 0.80, ratios
+    assert new >= 0.81, ratios
     assert new >= old + 0.01, ratios
-    assert min(ratios[ShiftLRFUPolicy]) >= 0.765, ratios
+    assert min(ratios[ShiftLRFUPolicy]) >= 0.775, ratios
 
 
 def test_global_pool_lrfu_beats_lru(synthetic: np.ndarray) -> None:
