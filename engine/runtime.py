@@ -116,9 +116,8 @@ class LoadedModel:
             from engine.experts.profile import load_or_measure
 
             cfg = self.config
-            profile = load_or_measure(self.layer_devices[0], experts.store.fmt, cfg.hidden_size,
-                                      cfg.moe_intermediate_size, self.dtype)
-            experts.bandwidths = (profile.pcie_bytes_per_s, profile.cpu_expert_bytes_per_s)
+            experts.profile = load_or_measure(self.layer_devices[0], experts.store.fmt,
+                                              cfg.hidden_size, cfg.moe_intermediate_size, self.dtype)
         return experts
 
     # ------------------------------------------------------------------ forward helpers

@@ -66,25 +66,46 @@ def cpu_memory_bandwidth(num_bytes: int = 512 << 20) -> float:
     return 2 * num_bytes / _timed(lambda: b.copy_(a), repeats=3)
 
 
-def cpu_expert_bandwidth(hidden: int, width: int, dtype: torch.dtype, fmt: str = "fp8",
-                         num_experts: int = 4) -> float:
-    """Bytes of expert weights per second the CPU path consumes for one token, by host format."""
+def _probe_experts(hidden: int, width: int, fmt: str, num_experts: int):
+    """Random experts at the given shape in a host format: (gate_up, scale, down, scale)."""
     gen = torch.Generator().manual_seed(0)
     gate_up = (torch.randint(0, 256, (num_experts, 2 * width, hidden), generator=gen, dtype=torch.uint8)
                & 0xBF).view(torch.float8_e4m3fn)
     down = (torch.randint(0, 256, (num_experts, hidden, width), generator=gen, dtype=torch.uint8)
             & 0xBF).view(torch.float8_e4m3fn)
-    x = torch.randn(1, hidden).to(dtype)
     gu_scale = d_scale = torch.full((num_experts,), 0.01)
     if fmt == "int8":
         gate_up, gu_scale = requantize_int8(gate_up, gu_scale)
         down, d_scale = requantize_int8(down, d_scale)
+    return gate_up, gu_scale, down, d_scale
+
+
+def _cpu_expert_seconds(hidden: int, width: int, dtype: torch.dtype, fmt: str, num_experts: int,
+                        num_tokens: int) -> float:
+    """Median seconds for the CPU path to run num_experts experts over num_tokens tokens each."""
+    gate_up, gu_scale, down, d_scale = _probe_experts(hidden, width, fmt, num_experts)
+    x = torch.randn(num_tokens, hidden).to(dtype)
 
     def run() -> None:
         for e in range(num_experts):
             cpu_expert_forward(x, gate_up[e], gu_scale[e], down[e], d_scale[e], dtype)
 
-    return (gate_up.numel() + down.numel()) / _timed(run, repeats=3)
+    return _timed(run, repeats=3)
+
+
+def cpu_expert_bandwidth(hidden: int, width: int, dtype: torch.dtype, fmt: str = "fp8",
+                         num_experts: int = 4) -> float:
+    """Bytes of expert weights per second the CPU path consumes for one token, by host format."""
+    seconds = _cpu_expert_seconds(hidden, width, dtype, fmt, num_experts, 1)
+    return num_experts * 3 * hidden * width / seconds
+
+
+def cpu_expert_token_rate(hidden: int, width: int, dtype: torch.dtype, fmt: str = "fp8",
+                          num_tokens: int = 64, num_experts: int = 2) -> float:
+    """Tokens per second through one expert on the CPU path with many tokens at once (where
+    compute, not reading the weights, bounds it): what a prefill chunk's expert costs there."""
+    seconds = _cpu_expert_seconds(hidden, width, dtype, fmt, num_experts, num_tokens)
+    return num_experts * num_tokens / seconds
 
 
 def describe(hidden: int, width: int, dtype: torch.dtype) -> dict:
@@ -97,4 +118,6 @@ def describe(hidden: int, width: int, dtype: torch.dtype) -> dict:
     info["cpu_memory_bytes_per_s"] = cpu_memory_bandwidth()
     info["cpu_expert_bytes_per_s"] = {fmt: cpu_expert_bandwidth(hidden, width, dtype, fmt)
                                       for fmt in ("fp8", "int8")}
+    info["cpu_expert_tokens_per_s"] = {fmt: cpu_expert_token_rate(hidden, width, dtype, fmt)
+                                       for fmt in ("fp8", "int8")}
     return info

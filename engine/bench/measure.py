@@ -42,13 +42,23 @@ class TraceRouting:
 
     def forward(self, layer: int, x: torch.Tensor, top_idx: torch.Tensor, top_weights: torch.Tensor):
         if x.shape[0] == 1:
-            ids = self.trace[self.token % self.trace.shape[0], layer % self.trace.shape[1]]
-            top_idx = torch.as_tensor(ids, dtype=torch.long, device=top_idx.device).view(1, -1)
-            top_weights = torch.full(top_idx.shape, 1.0 / top_idx.shape[1], dtype=top_weights.dtype,
-                                     device=top_weights.device)
-            if layer == self.trace.shape[1] - 1:
-                self.token += 1
+            top_idx, top_weights = self._forced(layer, top_idx, top_weights)
         return self.inner.forward(layer, x, top_idx, top_weights)
+
+    def decode_step(self, layer: int, x: torch.Tensor, top_idx: torch.Tensor,
+                    top_weights: torch.Tensor, h: torch.Tensor, shared: torch.Tensor):
+        top_idx, top_weights = self._forced(layer, top_idx, top_weights)
+        return self.inner.decode_step(layer, x, top_idx, top_weights, h, shared)
+
+    def _forced(self, layer: int, top_idx: torch.Tensor, top_weights: torch.Tensor):
+        """The trace's experts for this token and layer, with uniform weights."""
+        ids = self.trace[self.token % self.trace.shape[0], layer % self.trace.shape[1]]
+        top_idx = torch.as_tensor(ids, dtype=torch.long, device=top_idx.device).view(1, -1)
+        top_weights = torch.full(top_idx.shape, 1.0 / top_idx.shape[1], dtype=top_weights.dtype,
+                                 device=top_weights.device)
+        if layer == self.trace.shape[1] - 1:
+            self.token += 1
+        return top_idx, top_weights
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)

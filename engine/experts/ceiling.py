@@ -9,6 +9,7 @@ prefetch ~1 / (t_g + t_m). Bandwidths in bytes per second, times in seconds.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 # Mistral Small 4 defaults (prior-art 4.1).
@@ -111,6 +112,37 @@ def split_time(num_misses: int, bytes_per_expert: int, pcie_bps: float, cpu_bps:
     t_copy = n_copy * bytes_per_expert / pcie_bps if n_copy else 0.0
     t_cpu = n_cpu * bytes_per_expert / cpu_bps if n_cpu else 0.0
     return max(t_copy, t_cpu)
+
+
+def split_streamed(token_counts: Sequence[int], bytes_per_expert: int, pcie_bps: float,
+                   cpu_bps: float, cpu_tokens_per_s: float, max_tokens: int = 64) -> list[int]:
+    """Which of a prefill chunk's streamed experts the CPU computes (indices into token_counts),
+    so that its work ends no later than the PCIe copies of the rest.
+
+    A copy costs S / B_P whatever the tokens; on the CPU an expert costs max(S / B_C, t / R_C):
+    reading its weights once, or its t tokens at R_C tokens per second, whichever is slower. So
+    experts with the fewest tokens go to the CPU first: a short follow-up question's chunk
+    (t of 1-4 for most experts) shares its misses like a decode step, a 16K chunk's
+    (t ~ 500) stays on the GPU. R_C is measured at 64 tokens (engine.bench.machine), so no
+    expert with more than max_tokens is sent: the rate is not extrapolated.
+    """
+    if cpu_bps <= 0 or cpu_tokens_per_s <= 0:
+        return []
+    order = sorted(range(len(token_counts)), key=token_counts.__getitem__)
+    if pcie_bps <= 0:
+        return order
+    copy_s = bytes_per_expert / pcie_bps
+    copies_s, cpu_s = copy_s * len(order), 0.0
+    chosen: list[int] = []
+    for i in order:
+        if token_counts[i] > max_tokens:
+            break
+        cost = max(bytes_per_expert / cpu_bps, token_counts[i] / cpu_tokens_per_s)
+        if cpu_s + cost > copies_s - copy_s:
+            break
+        cpu_s, copies_s = cpu_s + cost, copies_s - copy_s
+        chosen.append(i)
+    return chosen
 
 
 def experts_touched(num_tokens: int, num_experts: int = 128, experts_per_token: int = 4) -> float:

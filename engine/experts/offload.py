@@ -16,10 +16,12 @@ import torch
 
 from engine.checkpoint import Checkpoint
 from engine.experts import fp8_kernel
-from engine.experts.ceiling import split_misses
+from engine.experts.ceiling import split_misses, split_streamed
+from engine.experts.combine_kernel import combine, combine_usable
 from engine.experts.compute import cpu_expert_forward, dequant_expert, expert_forward
 from engine.experts.policy import CachePolicy, LRFUPolicy, LRUPolicy, ShiftLRFUPolicy
 from engine.experts.prefetch import SlotPrefetcher
+from engine.experts.profile import MachineProfile
 from engine.experts.store import HostExpertStore, LayerExperts
 from engine.experts.streaming import ExpertStreamer, StagingBuffers
 from engine.model.moe import Deferred, run_experts
@@ -54,7 +56,7 @@ class LayerSlots:
         pinned = device.type == "cuda"
         # Flat, so a step's ids are one contiguous run (a strided one would be staged through
         # a pageable temporary, a blocking copy).
-        self._ids = torch.empty(2 * host.gate_up.shape[0], dtype=torch.int32, pin_memory=pinned)
+        self._ids = torch.empty(3 * host.gate_up.shape[0], dtype=torch.int32, pin_memory=pinned)
 
     def fill(self, slot: int, expert: int) -> int:
         """Copy expert's weights from the host store into a slot; returns the bytes moved."""
@@ -79,17 +81,20 @@ class LayerSlots:
             return compute
         return self.materialize(slot, expert, dtype)
 
-    def grouped(self, x: torch.Tensor, in_slot: dict[int, int]) -> dict[int, torch.Tensor]:
-        """expert -> its unweighted output [1, H] for one decode token, every cached expert of
-        the step in one grouped kernel call."""
+    def grouped(self, x: torch.Tensor, in_slot: dict[int, int], router_row: list[int]
+                ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """Every cached expert of one decode token in one grouped kernel call: (the experts in
+        id order, their unweighted outputs [n, 1, H], and each one's column in the router's
+        output, int32 on the device, for engine.experts.combine_kernel)."""
         experts = sorted(in_slot)
         n = len(experts)
-        self._ids[:n] = torch.tensor([in_slot[e] - self.first_slot for e in experts], dtype=torch.int32)
-        self._ids[n : 2 * n] = torch.tensor(experts, dtype=torch.int32)
-        ids = self._ids[: 2 * n].to(self.device, non_blocking=True).view(2, n)
+        self._ids[: 3 * n] = torch.tensor([in_slot[e] - self.first_slot for e in experts]
+                                          + experts + [router_row.index(e) for e in experts],
+                                          dtype=torch.int32)
+        ids = self._ids[: 3 * n].to(self.device, non_blocking=True).view(3, n)
         scales = [s.index_select(0, ids[1]) for s in (self.gate_up_scale, self.down_scale)]
         out = fp8_kernel.grouped_expert_forward(x, self.gate_up, self.down, ids[0], *scales)
-        return {e: out[i] for i, e in enumerate(experts)}  # [n, 1, H] -> [1, H] each
+        return experts, out, ids[2]
 
     def materialize(self, slot: int, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The expert's weights copied out of its slot (before the slot is refilled)."""
@@ -122,9 +127,10 @@ class OffloadedExperts:
         self.cpu_misses = cpu_misses
         self._cpu_pool = ThreadPoolExecutor(1, thread_name_prefix="quire-cpu-experts")
         self.routing_log: list[torch.Tensor] | None = None
-        # Set on GPU loads (engine.experts.profile): with it, a step's misses are split so that
-        # PCIe copies and CPU compute finish together; without it, admission alone decides.
-        self.bandwidths: tuple[float, float] | None = None
+        # Set on GPU loads (engine.experts.profile): with it, a step's misses (and a short
+        # prefill chunk's streamed experts) are split so that PCIe copies and CPU compute
+        # finish together; without it, admission alone decides.
+        self.profile: MachineProfile | None = None
         self._buffers: dict[torch.device, StagingBuffers] = {}
         self.bytes_copied = 0
         self.bytes_cpu = 0
@@ -152,6 +158,27 @@ class OffloadedExperts:
     # ------------------------------------------------------------------ expert backend
     def forward(self, layer: int, x: torch.Tensor, top_idx: torch.Tensor,
                 top_weights: torch.Tensor) -> torch.Tensor:
+        top_idx = self._routing_on_host(layer, top_idx)
+        if x.shape[0] >= STREAM_MIN_TOKENS:
+            return self._streamed(layer, x, top_idx, top_weights)
+        plan, _ = self._serve(layer, x, top_idx)
+        return run_experts(x, top_idx, top_weights, plan.__getitem__)
+
+    def decode_step(self, layer: int, x: torch.Tensor, top_idx: torch.Tensor,
+                    top_weights: torch.Tensor, h: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+        """One decode token's routed experts, then the layer's end: h + (routed + shared).
+
+        When the grouped kernel served every selected expert, one more launch finishes the
+        layer (engine.experts.combine_kernel), bit-identical to the eager sum and ~12 launches
+        fewer; a step with CPU-computed misses sums as forward does.
+        """
+        top_idx = self._routing_on_host(layer, top_idx)
+        plan, grouped = self._serve(layer, x, top_idx)
+        if grouped is not None and len(grouped[0]) == len(plan) and combine_usable(x.device):
+            return combine(grouped[1], top_weights, grouped[2], shared, h)
+        return h + (run_experts(x, top_idx, top_weights, plan.__getitem__) + shared)
+
+    def _routing_on_host(self, layer: int, top_idx: torch.Tensor) -> torch.Tensor:
         top_idx = top_idx.cpu()  # the one wait on the GPU this layer: routing is host work
         if self._expected is not None and self._expected[0] == layer + 1:
             # Computed before this layer's routing: ready now, so this copy does not wait;
@@ -159,8 +186,13 @@ class OffloadedExperts:
             self._expected = (layer + 1, self._expected[1].cpu())
         if self.routing_log is not None:
             self.routing_log.append(top_idx)
-        if x.shape[0] >= STREAM_MIN_TOKENS:
-            return self._streamed(layer, x, top_idx, top_weights)
+        return top_idx
+
+    def _serve(self, layer: int, x: torch.Tensor, top_idx: torch.Tensor):
+        """Where each selected expert runs this step: ({expert: weights, callable or Deferred},
+        and (experts, outputs [n, 1, H], their router columns on the device) when the grouped
+        kernel ran, else None). Hits run from their slots; misses are copied into a slot or
+        computed on the CPU, split so both finish together."""
         slots = self.layers[layer]
         plan: dict[int, object] = {}
         misses = []
@@ -201,14 +233,16 @@ class OffloadedExperts:
             self.bytes_copied += slots.fill(admitted[0], expert)
             plan[expert] = slots.weights(admitted[0], expert, self.dtype)
             in_slot[expert] = admitted[0]
+        grouped = None
         if in_slot and slots.use_grouped and x.shape[0] == 1 and self.dtype == torch.bfloat16:
-            for expert, y in slots.grouped(x, in_slot).items():
+            grouped = slots.grouped(x, in_slot, top_idx[0].tolist())
+            for expert, y in zip(grouped[0], grouped[1], strict=True):
                 plan[expert] = _computed(y)
         for expert, job in cpu_jobs.items():
             plan[expert] = Deferred(job.result)
         if self.prefetcher is not None:
             self._prefetch_next(layer, slots.device)
-        return run_experts(x, top_idx, top_weights, plan.__getitem__)
+        return plan, grouped
 
     def _before_slot_use(self, layer: int, slot: int) -> None:
         if self.prefetcher is not None:
@@ -235,10 +269,10 @@ class OffloadedExperts:
 
     def _num_copies(self, num_misses: int, expert_bytes: int) -> int:
         """How many of a step's misses go over PCIe (the rest to the CPU), so both finish together."""
-        if not self.cpu_misses or self.bandwidths is None:
+        if not self.cpu_misses or self.profile is None:
             return num_misses
-        pcie, cpu = self.bandwidths
-        return split_misses(num_misses, expert_bytes, pcie, cpu)[0]
+        p = self.profile
+        return split_misses(num_misses, expert_bytes, p.pcie_bytes_per_s, p.cpu_expert_bytes_per_s)[0]
 
     def _submit_cpu(self, layer: int, expert: int, x_host: torch.Tensor, top_idx: torch.Tensor) -> Future:
         """Compute one expert for the tokens that chose it, on the CPU, from the host store."""
@@ -270,13 +304,38 @@ class OffloadedExperts:
         if self.prefetcher is not None:
             self.prefetcher.drain()
         experts, counts = torch.unique(top_idx, return_counts=True)
-        ids = experts.tolist()
+        ids, num_tokens = experts.tolist(), counts.tolist()
         cached = {e: s for e in ids if (s := self.policy.peek((layer, e))) is not None}
-        streamer = ExpertStreamer(slots, layer, ids, cached, self.dtype, self._staging(slots))
-        out = run_experts(x, top_idx, top_weights, streamer)
+        # The CPU's share starts first, as in decode: its input reaches the host before the
+        # copies are queued.
+        cpu_jobs = self._cpu_share(layer, x, top_idx, [(e, t) for e, t in zip(ids, num_tokens)
+                                                       if e not in cached])
+        streamer = ExpertStreamer(slots, layer, [e for e in ids if e not in cpu_jobs], cached,
+                                  self.dtype, self._staging(slots))
+
+        def source(expert: int):
+            job = cpu_jobs.get(expert)
+            return streamer(expert) if job is None else Deferred(job.result)
+
+        out = run_experts(x, top_idx, top_weights, source)
         self.bytes_copied += streamer.num_bytes_copied
-        self.seed({(layer, e): float(c) for e, c in zip(ids, counts.tolist())})
+        self.seed({(layer, e): float(c) for e, c in zip(ids, num_tokens)})
         return out
+
+    def _cpu_share(self, layer: int, x: torch.Tensor, top_idx: torch.Tensor,
+                   missing: list[tuple[int, int]]) -> dict[int, Future]:
+        """CPU jobs for the streamed experts (expert, its tokens) the CPU finishes sooner than
+        their copies would (engine.experts.ceiling.split_streamed): none for long chunks."""
+        p = self.profile
+        if not self.cpu_misses or p is None or not missing:
+            return {}
+        chosen = split_streamed([t for _, t in missing], self.layers[layer].host.expert_bytes(),
+                                p.pcie_bytes_per_s, p.cpu_expert_bytes_per_s, p.cpu_expert_tokens_per_s)
+        if not chosen:
+            return {}
+        x_host = x.to("cpu")
+        return {missing[i][0]: self._submit_cpu(layer, missing[i][0], x_host, top_idx)
+                for i in sorted(chosen)}
 
     def _staging(self, slots: LayerSlots) -> StagingBuffers | None:
         if slots.device.type != "cuda":

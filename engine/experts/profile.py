@@ -1,5 +1,6 @@
-"""Per-machine bandwidths that decide how a decode step's misses are split between PCIe copies
-and CPU compute: measured once, stored in the user cache folder, reused on later loads."""
+"""Per-machine rates that decide how misses are split between PCIe copies and CPU compute (a
+decode step's, and a short prefill chunk's streamed experts): measured once, stored in the user
+cache folder, reused on later loads."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 class MachineProfile:
     pcie_bytes_per_s: float  # pinned host -> GPU
     cpu_expert_bytes_per_s: float  # expert weights the CPU path consumes per second (1 token)
+    cpu_expert_tokens_per_s: float  # tokens per second through one expert, many at once
     key: str
 
 
@@ -37,7 +39,7 @@ def default_profile_path() -> Path:
 def load_or_measure(device: torch.device, host_format: str, hidden: int, width: int,
                     dtype: torch.dtype, path: Path | None = None) -> MachineProfile:
     """The stored profile for this machine and format, measuring it (a second or two) if absent."""
-    from engine.bench.machine import cpu_expert_bandwidth, pcie_bandwidth
+    from engine.bench.machine import cpu_expert_bandwidth, cpu_expert_token_rate, pcie_bandwidth
 
     path = path or default_profile_path()
     key = profile_key(device, host_format, hidden, width)
@@ -46,10 +48,11 @@ def load_or_measure(device: torch.device, host_format: str, hidden: int, width: 
         stored = json.loads(path.read_text())
         if key in stored:
             return MachineProfile(**stored[key])
-    except (OSError, ValueError, TypeError):
-        stored = {}
+    except (OSError, ValueError, TypeError):  # unreadable, or stored by an older version
+        stored = {} if not isinstance(stored, dict) else stored
     profile = MachineProfile(pcie_bandwidth(device=device) or 0.0,
-                             cpu_expert_bandwidth(hidden, width, dtype, host_format), key)
+                             cpu_expert_bandwidth(hidden, width, dtype, host_format),
+                             cpu_expert_token_rate(hidden, width, dtype, host_format), key)
     stored[key] = asdict(profile)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,10 @@ class ResidentExperts:
         gate_up, down = self.weights[layer]
         return run_experts(x, top_idx, top_weights, lambda e: (gate_up[e], down[e]))
 
+    def decode_step(self, layer: int, x: torch.Tensor, top_idx: torch.Tensor,
+                    top_weights: torch.Tensor, h: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+        return h + (self.forward(layer, x, top_idx, top_weights) + shared)
+
     def counters(self) -> dict[str, float]:
         return {"hits": self.num_uses, "misses": 0, "hit_rate": 1.0, "bytes_copied": 0,
                 "bytes_cpu": 0, "cpu_experts": 0}

@@ -154,7 +154,6 @@ class DecoderModel:
             out = steps.run(i, h, predict=prefetch and nxt is not None and nxt.device == layer.device)
             if out.predicted is not None:
                 self.experts.expect(i + 1, out.predicted)
-            routed = self.experts.forward(i, out.x, out.top_idx, out.top_weights)
-            h = out.h + (routed + out.shared)
+            h = self.experts.decode_step(i, out.x, out.top_idx, out.top_weights, out.h, out.shared)
         cache.commit(1)
         return self._logits(h, "last")

@@ -23,6 +23,11 @@ class ExpertBackend(Protocol):
                 top_weights: torch.Tensor) -> torch.Tensor:  # [T,H],[T,K],[T,K] -> [T,H]
         ...
 
+    def decode_step(self, layer: int, x: torch.Tensor, top_idx: torch.Tensor,
+                    top_weights: torch.Tensor, h: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+        """One token's routed experts and the layer's end: h + (routed + shared), [1, H]."""
+        ...
+
 
 @dataclass
 class MoEWeights:

@@ -34,6 +34,7 @@ def test_bench_json_on_cpu(tiny_checkpoint, tmp_path):
     assert result["model"]["scaled_to_layers"] == 36 and result["model"]["layers_measured"] == 2
     assert result["baseline"]["tg_ts"] > 0 and result["speedup_vs_baseline"] > 0
     assert set(result["machine"]["cpu_expert_bytes_per_s"]) == {"fp8", "int8"}
+    assert all(rate > 0 for rate in result["machine"]["cpu_expert_tokens_per_s"].values())
     assert result["host_format"] == "int8"  # "auto" with offloaded experts
 
 

@@ -100,10 +100,15 @@ def test_fp8_kernel_matches_the_eager_path():
             assert_close(f"{name} kernel t={tokens}", ours, ref, 0.02 * float(ref.abs().max()))
 
 
-def test_cuda_bf16_offload_with_prefetch_and_grouped_kernel(tiny_checkpoint):
+def test_cuda_bf16_offload_with_prefetch_and_grouped_kernel(tiny_checkpoint, monkeypatch):
     """The decode path a 24 GB card runs: bf16, FP8 slots through the grouped kernel, next-layer
-    prefetch on a side stream, CPU misses; logits as close to the resident GPU engine as bf16
-    parity allows (the kernel's summation order differs)."""
+    prefetch on a side stream, CPU misses, all-hit layers ended by the combine kernel; logits as
+    close to the resident GPU engine as bf16 parity allows (the kernel's summation order differs)."""
+    from engine.experts import offload
+
+    combined = []
+    combine = offload.combine
+    monkeypatch.setattr(offload, "combine", lambda *a: combined.append(1) or combine(*a))
     resident = LoadedModel(tiny_checkpoint, LoadOptions(device="cuda", dtype="bfloat16"))
     expected = _logits(resident)
     resident.close()
@@ -116,6 +121,7 @@ def test_cuda_bf16_offload_with_prefetch_and_grouped_kernel(tiny_checkpoint):
     assert steps is not None and not steps.failed and steps._captured
     counters = model.experts.counters()
     assert counters["prefetch_issued"] > 0 and counters["hits"] > 0
+    assert combined, "the combine kernel never ended a layer (self-test failed?)"
     model.close()
 
 

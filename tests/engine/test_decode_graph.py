@@ -90,3 +90,42 @@ def test_captured_step_sets_are_kept_per_cache_buffers(tiny_checkpoint, monkeypa
     steps._captured[0] = "captured for caches[2]"
     assert steps.begin(caches[1]) and steps._captured == {}
     assert steps.begin(caches[2]) and steps._captured == {0: "captured for caches[2]"}
+
+
+def test_fused_layer_end_keeps_decode_bit_identical(tiny_checkpoint, monkeypatch):
+    """The GPU's decode step ends a layer in one combine launch when the grouped kernel served
+    every expert. Its bookkeeping on the CPU, both kernels replaced by their eager definitions:
+    the router columns and weights reach the combine in id order, so the bf16 logits equal the
+    resident engine's bit for bit, and steps with a CPU miss or an evicted hit take the plain sum."""
+    from engine.experts import combine_kernel, fp8_kernel, offload
+    from engine.experts.compute import dequant_expert, expert_forward
+
+    def eager_grouped(x, gate_up_slots, down_slots, slot_ids, gate_up_scales, down_scales):
+        return torch.stack([expert_forward(x, *dequant_expert(
+            gate_up_slots[s], gate_up_scales[i], down_slots[s], down_scales[i], torch.bfloat16))
+            for i, s in enumerate(slot_ids.tolist())])
+
+    fused = []
+
+    def eager_combine(ys, weights, order, shared, h):
+        fused.append(len(order))
+        return combine_kernel.eager_combine(ys, weights, order.tolist(), shared, h)
+
+    monkeypatch.setattr(fp8_kernel, "grouped_expert_forward", eager_grouped)
+    monkeypatch.setattr(offload, "combine", eager_combine)
+    monkeypatch.setattr(offload, "combine_usable", lambda device: True)
+    prompt = [1, 306, 4658, 278, 6593, 310, 2834, 338] * 3
+    resident = LoadedModel(tiny_checkpoint, LoadOptions(dtype="bfloat16"))
+    resident.decoder.decode_steps = DecodeSteps(resident.decoder, use_graphs=False)
+    expected, expected_ids = _decode(resident, prompt, 16)
+    model = LoadedModel(tiny_checkpoint, LoadOptions(dtype="bfloat16", expert_cache_slots=3,
+                                                     host_format="fp8"))
+    for slots in model.experts.layers:
+        slots.use_grouped = True
+    model.decoder.decode_steps = DecodeSteps(model.decoder, use_graphs=False)
+    ours, ids = _decode(model, prompt, 16)
+    assert ids == expected_ids and torch.equal(ours, expected)
+    num_layers = model.config.num_hidden_layers
+    assert 0 < len(fused) < 16 * num_layers  # all-hit steps fused; steps with CPU misses not
+    assert model.experts.counters()["cpu_experts"] > 0
+    model.close()

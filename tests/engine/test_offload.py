@@ -11,6 +11,7 @@ import torch
 
 from engine import api
 from engine.experts.offload import STREAM_MIN_TOKENS
+from engine.experts.profile import MachineProfile
 from engine.generate import Generator
 from engine.runtime import LoadedModel, LoadOptions
 from tests.helpers.assert_close import assert_close
@@ -138,16 +139,37 @@ def test_int8_host_format_stays_close_to_the_fp8_reference(tiny_checkpoint, refe
 def test_misses_are_split_between_copies_and_cpu_by_bandwidth(tiny_checkpoint, reference_logits):
     """With PCIe twice as fast as the CPU path, about two thirds of a step's misses are copied."""
     model = LoadedModel(tiny_checkpoint, LoadOptions(dtype="float32", expert_cache_slots=0))
-    model.experts.bandwidths = (2.0e9, 1.0e9)
+    model.experts.profile = MachineProfile(2.0e9, 1.0e9, 1.0e6, "test")
     assert model.experts._num_copies(6, 1000) == 4
-    model.experts.bandwidths = (1.0e9, 0.0)
+    model.experts.profile = MachineProfile(1.0e9, 0.0, 0.0, "test")
     assert model.experts._num_copies(5, 1000) == 5
     model.close()
     model = LoadedModel(tiny_checkpoint, LoadOptions(dtype="float32", expert_cache_slots=3))
-    model.experts.bandwidths = (1.0e9, 1.0e9)
+    model.experts.profile = MachineProfile(1.0e9, 1.0e9, 1.0e9, "test")
     assert_close("split", _run(model, prefill=70), reference_logits, FP32_ATOL)
     counters = model.experts.counters()
     assert counters["cpu_experts"] > 0 and counters["bytes_copied"] > 0
+    model.close()
+
+
+def test_short_prefill_chunks_share_streamed_experts_with_the_cpu(tiny_checkpoint, reference_logits):
+    """A streamed chunk's few-token experts are computed on the CPU thread while the rest are
+    streamed; the sum keeps expert id order, so the logits match as when all are streamed."""
+    model = LoadedModel(tiny_checkpoint, LoadOptions(dtype="float32", expert_cache_slots=2))
+    experts = model.experts
+    # Equal rates: the CPU takes about half of each layer's missing experts, fewest tokens first.
+    experts.profile = MachineProfile(1.0e9, 1.0e9, 1.0e9, "test")
+    cache = model.decoder.new_cache()
+    logits = model.forward(model.embed_ids(IDS[:70]), cache, logits_for="all")
+    assert_close("streamed split", logits, reference_logits[:70], FP32_ATOL)
+    counters = experts.counters()
+    num_experts = model.config.n_routed_experts * model.config.num_hidden_layers
+    assert 0 < counters["cpu_experts"] < num_experts
+    # A CPU far slower per token than a copy keeps every expert on the stream.
+    experts.reset_counters()
+    experts.profile = MachineProfile(1.0e9, 1.0e9, 1.0, "test")
+    model.forward(model.embed_ids(IDS[:70]), model.decoder.new_cache(), logits_for="all")
+    assert experts.counters()["cpu_experts"] == 0
     model.close()
 
 

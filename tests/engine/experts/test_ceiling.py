@@ -13,6 +13,7 @@ from engine.experts.ceiling import (
     prefill_ceiling,
     resident_time,
     split_misses,
+    split_streamed,
     split_time,
 )
 
@@ -75,6 +76,27 @@ def test_split_misses_edges_and_latency() -> None:
     assert split_misses(1, EXPERT_BYTES, 25e9, 55e9, cpu_latency_s=1e-3) == (1, 0)
     with pytest.raises(ValueError):
         split_misses(-1, EXPERT_BYTES, B_P, B_C)
+
+
+def test_split_streamed_gives_the_cpu_the_fewest_token_experts() -> None:
+    # Equal rates and one token each: half the copies' time goes to the CPU.
+    assert split_streamed([1, 1, 1, 1], EXPERT_BYTES, 50e9, 50e9, 1e6) == [0, 1]
+    # The CPU takes the experts with the fewest tokens, while it finishes before the copies.
+    assert split_streamed([50, 1, 2, 40, 3, 60], EXPERT_BYTES, 50e9, 50e9, 1e4) == [1, 2, 4]
+    # A 16K chunk's experts (~500 tokens each) cost the CPU far more than their copy.
+    assert split_streamed([500] * 128, EXPERT_BYTES, B_P, B_C, 20_000.0) == []
+    assert split_streamed([65] * 128, EXPERT_BYTES, B_P, B_C, 1e9) == []  # beyond the measured
+    # A short follow-up question: most of a layer's misses have 1-4 tokens, and the CPU's
+    # share ends no later than the copies of the rest.
+    counts = [1] * 40 + [2] * 30 + [3] * 20 + [4] * 10
+    chosen = split_streamed(counts, EXPERT_BYTES, B_P, B_C, 20_000.0)
+    cpu_s = sum(max(EXPERT_BYTES / B_C, counts[i] / 20_000.0) for i in chosen)
+    copy_s = (len(counts) - len(chosen)) * EXPERT_BYTES / B_P
+    assert 40 <= len(chosen) <= 55 and cpu_s <= copy_s
+    assert cpu_s + max(EXPERT_BYTES / B_C, counts[len(chosen)] / 20_000.0) > copy_s - EXPERT_BYTES / B_P
+    # No CPU path: nothing; no PCIe: everything.
+    assert split_streamed([1, 2], EXPERT_BYTES, B_P, 0.0, 1e4) == []
+    assert split_streamed([2, 1], EXPERT_BYTES, 0.0, B_C, 1e4) == [1, 0]
 
 
 def test_prefill_ceiling_matches_the_note() -> None:
