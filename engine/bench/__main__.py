@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", choices=("hf", "none"), default="none")
     p.add_argument("--baseline-tokens", type=int, default=3)
     p.add_argument("--out", type=Path, help="also write the JSON here")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile a few decode tokens (torch.profiler tables) into "
+                        "OUT.profile.txt (or the work dir)")
     return p
 
 
@@ -163,6 +166,16 @@ def run(args: argparse.Namespace) -> dict:
         decode.append(row)
     experts.routing_log = None
     out["results"] += decode
+    if args.profile:
+        from engine.bench.profiling import profile_decode
+
+        target = args.out.with_suffix(".profile.txt") if args.out else args.work_dir / "decode.profile.txt"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:  # a diagnostic: never cost the figures measured above
+            target.write_text(profile_decode(model))
+            out["profile_file"] = str(target)
+        except Exception as exc:  # noqa: BLE001 - profiler support varies by torch build
+            out["profile_error"] = f"{type(exc).__name__}: {exc}"
     for size in _ints(args.prefill):
         out["results"].append({"test": f"pp{size}"} | prefill_run(model, size, args.chunk, head_s,
                                                                   REAL_LAYERS))

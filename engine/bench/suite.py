@@ -24,7 +24,7 @@ FULL = [
       ("speedup_vs_baseline", ">=", 300.0, "x transformers + accelerate offload")]),
     # Belady sees the same warm-up as the online policy and counts the same 256 tokens.
     ("decode-24g-trace", ["--gpu-budget", "24GiB", "--routing", "synthetic", "--depth", "0,32768",
-                          "--prefill", "", "--tokens", "256", "--warmup", "64"],
+                          "--prefill", "", "--tokens", "256", "--warmup", "64", "--profile"],
      [("results.0.avg_ts", ">=", 40.0, "decode tok/s, calibrated trace, 24 GiB"),
       ("results.0.hit_rate_over_belady", ">=", 0.8, "hit rate / Belady with bypass")]),
     # Prefetch stays off by default unless this beats decode-24g-trace (prior art: 0-14%).
