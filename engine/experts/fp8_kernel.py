@@ -64,14 +64,16 @@ _checked: dict[tuple[torch.device, bool], bool] = {}
 if TRITON_IMPORTED:  # decorating is cheap; tests also compile it for sm_90 without a GPU
 
     @triton.jit
-    def _expert_matmul_kernel(x_ptr, w_ptr, y_ptr, s_ptr, ids_ptr, M, N, K, stride_xe, stride_xm,
-                              stride_ws, stride_wn, stride_ye, stride_ym, stride_se,
-                              INDEXED: tl.constexpr, GATED: tl.constexpr, ROW_SCALES: tl.constexpr,
+    def _expert_matmul_kernel(x_ptr, w_ptr, y_ptr, s_ptr, ids_ptr, sids_ptr, M, N, K, stride_xe,
+                              stride_xm, stride_ws, stride_wn, stride_ye, stride_ym, stride_se,
+                              INDEXED: tl.constexpr, SCALE_INDEXED: tl.constexpr,
+                              GATED: tl.constexpr, ROW_SCALES: tl.constexpr,
                               DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """y[e] = x[e] @ (w[slot_e] x s[e])^T for expert e = program_id(1); program_id(0) picks
-        BLOCK_N output rows. GATED: x[e] is [M, 2K] = [gate | up] and the input is
-        bf16(bf16(silu(gate)) * up), rounded as the eager path rounds."""
+        """y[e] = x[e] @ (w[slot_e] x s[scale_e])^T for expert e = program_id(1); program_id(0)
+        picks BLOCK_N output rows. scale_e is sids[e] (SCALE_INDEXED: s is every expert's
+        table, indexed by expert id) or e. GATED: x[e] is [M, 2K] = [gate | up] and the input
+        is bf16(bf16(silu(gate)) * up), rounded as the eager path rounds."""
         pid_n = tl.program_id(0)
         e = tl.program_id(1)
         if INDEXED:
@@ -96,24 +98,30 @@ if TRITON_IMPORTED:  # decorating is cheap; tests also compile it for sm_90 with
             w = tl.load(w_base + offs_n[:, None] * stride_wn + offs_k[None, :],
                         mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)
             acc += tl.dot(x.to(tl.bfloat16).to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)))  # [BM, BN]
-        if ROW_SCALES:
-            scale = tl.load(s_ptr + e * stride_se + offs_n, mask=offs_n < N, other=0.0)[None, :]
+        if SCALE_INDEXED:
+            s_row = tl.load(sids_ptr + e).to(tl.int64)
         else:
-            scale = tl.load(s_ptr + e * stride_se)
+            s_row = e.to(tl.int64)
+        if ROW_SCALES:
+            scale = tl.load(s_ptr + s_row * stride_se + offs_n, mask=offs_n < N, other=0.0)[None, :]
+        else:
+            scale = tl.load(s_ptr + s_row * stride_se)
         y = (acc * scale).to(tl.bfloat16)
         tl.store(y_ptr + e * stride_ye + offs_m[:, None] * stride_ym + offs_n[None, :], y,
                  mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
 def _launch(x: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor,
-            slot_ids: torch.Tensor | None, out_rows: int, gated: bool) -> torch.Tensor:
+            slot_ids: torch.Tensor | None, out_rows: int, gated: bool,
+            scale_ids: torch.Tensor | None = None) -> torch.Tensor:
     """One launch for n experts -> [n, M, out_rows] bf16.
 
     x [M, K] (shared by all experts) or [n, M, 2K] (gated: per expert); weights [S, N, K] with
-    rows K-contiguous; scales [n] (FP8) or [n, N] (int8), fp32 on x's device; slot_ids int32 [n]
-    or None (expert e is slot e).
+    rows K-contiguous; slot_ids int32 [n] or None (expert e is slot e); scales fp32 on x's
+    device, [n] (FP8) or [n, N] (int8) in the experts' order, or with scale_ids (int32 [n])
+    every expert's table [E] / [E, N], row scale_ids[e] for expert e.
     """
-    n = scales.shape[0]
+    n = scales.shape[0] if scale_ids is None else scale_ids.shape[0]
     m, k = x.shape[-2], weights.shape[2]
     if weights.stride(2) != 1 or x.stride(-1) != 1:
         raise ValueError("expert kernel needs K-contiguous weights and inputs")
@@ -122,16 +130,17 @@ def _launch(x: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor,
     # Triton launches on the current device's current stream, not on the tensors' device:
     # layers on a second GPU would otherwise launch on cuda:0 (or fail its pointer check).
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        _launch_kernel(grid, x, weights, y, scales, slot_ids, m, out_rows, k, gated)
+        _launch_kernel(grid, x, weights, y, scales, slot_ids, scale_ids, m, out_rows, k, gated)
     return y
 
 
-def _launch_kernel(grid, x, weights, y, scales, slot_ids, m, out_rows, k, gated) -> None:
+def _launch_kernel(grid, x, weights, y, scales, slot_ids, scale_ids, m, out_rows, k, gated) -> None:
     _expert_matmul_kernel[grid](
-        x, weights, y, scales, scales if slot_ids is None else slot_ids, m, out_rows, k,
+        x, weights, y, scales, scales if slot_ids is None else slot_ids,
+        scales if scale_ids is None else scale_ids, m, out_rows, k,
         x.stride(0) if x.dim() == 3 else 0, x.stride(-2), weights.stride(0), weights.stride(1),
-        y.stride(0), y.stride(1), scales.stride(0), INDEXED=slot_ids is not None, GATED=gated,
-        ROW_SCALES=scales.dim() == 2, DOT_DTYPE=tl.float32 if INTERPRETED else tl.bfloat16,
+        y.stride(0), y.stride(1), scales.stride(0), INDEXED=slot_ids is not None,
+        SCALE_INDEXED=scale_ids is not None, GATED=gated, ROW_SCALES=scales.dim() == 2, DOT_DTYPE=tl.float32 if INTERPRETED else tl.bfloat16,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS,
         num_stages=NUM_STAGES, enable_fp_fusion=ENABLE_FP_FUSION)
 
@@ -173,24 +182,30 @@ def fp8_expert_forward(x: torch.Tensor, gate_up: torch.Tensor, gate_up_scale: to
 
 def grouped_expert_forward(x: torch.Tensor, gate_up_slots: torch.Tensor, down_slots: torch.Tensor,
                            slot_ids: torch.Tensor, gate_up_scales: torch.Tensor,
-                           down_scales: torch.Tensor) -> torch.Tensor:
+                           down_scales: torch.Tensor, expert_ids: torch.Tensor | None = None
+                           ) -> torch.Tensor:
     """Every selected expert's SiLU-gated MLP on the same tokens, in two launches.
 
     x [M, H] bf16 (M <= MAX_TOKENS); gate_up_slots [S, 2I, H] and down_slots [S, H, I], FP8 or
     int8, K-contiguous; slot_ids int32 [n] naming the slots to use (in range: never checked, it
-    would cost a device sync); gate_up_scales / down_scales indexed like slot_ids, not by slot:
-    [n] per expert (FP8) or [n, 2I] / [n, H] per row (int8). Ids and scales should already be
-    on x's device (anything else is a copy per call). -> [n, M, H] bf16, unweighted: the caller
-    applies the routing weights and sums in its fixed order.
+    would cost a device sync). Scales per expert (FP8) or per row (int8): without expert_ids,
+    indexed like slot_ids ([n] or [n, 2I] / [n, H]); with expert_ids (int32 [n]), the whole
+    layer's tables ([E] or [E, 2I] / [E, H]), read at those rows inside the kernel (no gather
+    launches). Ids and scales should already be on x's device (anything else is a copy per
+    call); fp32 contiguous scales are used as they are. -> [n, M, H] bf16, unweighted: the
+    caller applies the routing weights and sums in its fixed order.
     """
     x = _check_tokens(x)
     n = slot_ids.shape[0]
     ids = slot_ids.to(device=x.device, dtype=torch.int32).contiguous()
     gu_s, dn_s = _scales(gate_up_scales, x.device), _scales(down_scales, x.device)
-    if gu_s.shape[0] != n or dn_s.shape[0] != n:
+    rows = None if expert_ids is None else expert_ids.to(device=x.device, dtype=torch.int32).contiguous()
+    if rows is None and (gu_s.shape[0] != n or dn_s.shape[0] != n):
         raise ValueError(f"scales for {gu_s.shape[0]} / {dn_s.shape[0]} experts, ids for {n}")
-    gu = _launch(x, gate_up_slots, gu_s, ids, gate_up_slots.shape[1], gated=False)  # [n, M, 2I]
-    return _launch(gu, down_slots, dn_s, ids, down_slots.shape[1], gated=True)
+    if rows is not None and rows.shape[0] != n:
+        raise ValueError(f"expert ids for {rows.shape[0]} experts, slot ids for {n}")
+    gu = _launch(x, gate_up_slots, gu_s, ids, gate_up_slots.shape[1], gated=False, scale_ids=rows)
+    return _launch(gu, down_slots, dn_s, ids, down_slots.shape[1], gated=True, scale_ids=rows)
 
 
 def kernel_usable(device: torch.device, hidden: int, width: int) -> bool:
@@ -232,8 +247,8 @@ def _self_test(device: torch.device, hidden: int, width: int, grouped: bool) -> 
         ids = torch.tensor([2, 0], dtype=torch.int32)  # out of order, slot 1 skipped
         for name, weights in _self_test_experts(hidden, width).items():
             gu, gu_s, dn, dn_s = (t.to(device) for t in weights)
-            if grouped:
-                ours = grouped_expert_forward(x, gu, dn, ids.to(device), gu_s[ids], dn_s[ids])
+            if grouped:  # as LayerSlots calls it: slots and the layer's scale tables by expert id
+                ours = grouped_expert_forward(x, gu, dn, ids.to(device), gu_s, dn_s, ids.to(device))
             else:
                 ours = torch.stack([fp8_expert_forward(x, gu[i], gu_s[i], dn[i], dn_s[i])
                                     for i in ids.tolist()])

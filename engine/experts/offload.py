@@ -43,8 +43,9 @@ class LayerSlots:
         self.down = torch.empty((num_slots, *shape_d), dtype=host.down.dtype, device=device)
         # Scales live beside the slots: reading one from host memory per use would be a
         # blocking copy for every expert of every layer.
-        self.gate_up_scale = host.gate_up_scale.to(device)
-        self.down_scale = host.down_scale.to(device)
+        # fp32 and contiguous, as the kernels read them (no conversion per step).
+        self.gate_up_scale = host.gate_up_scale.to(device, torch.float32).contiguous()
+        self.down_scale = host.down_scale.to(device, torch.float32).contiguous()
         self.use_kernel = host.gate_up.dtype in (torch.float8_e4m3fn, torch.int8) and \
             fp8_kernel.kernel_usable(device, shape_gu[1], shape_d[1])
         # Decode: all of a step's cached experts in two launches (engine.experts.fp8_kernel).
@@ -57,6 +58,7 @@ class LayerSlots:
         # Flat, so a step's ids are one contiguous run (a strided one would be staged through
         # a pageable temporary, a blocking copy).
         self._ids = torch.empty(3 * host.gate_up.shape[0], dtype=torch.int32, pin_memory=pinned)
+        self._ids_view = self._ids.numpy()  # filled from Python lists without a temporary tensor
 
     def fill(self, slot: int, expert: int) -> int:
         """Copy expert's weights from the host store into a slot; returns the bytes moved."""
@@ -88,12 +90,11 @@ class LayerSlots:
         output, int32 on the device, for engine.experts.combine_kernel)."""
         experts = sorted(in_slot)
         n = len(experts)
-        self._ids[: 3 * n] = torch.tensor([in_slot[e] - self.first_slot for e in experts]
-                                          + experts + [router_row.index(e) for e in experts],
-                                          dtype=torch.int32)
+        self._ids_view[: 3 * n] = ([in_slot[e] - self.first_slot for e in experts] + experts
+                                   + [router_row.index(e) for e in experts])
         ids = self._ids[: 3 * n].to(self.device, non_blocking=True).view(3, n)
-        scales = [s.index_select(0, ids[1]) for s in (self.gate_up_scale, self.down_scale)]
-        out = fp8_kernel.grouped_expert_forward(x, self.gate_up, self.down, ids[0], *scales)
+        out = fp8_kernel.grouped_expert_forward(x, self.gate_up, self.down, ids[0], self.gate_up_scale,
+                                                self.down_scale, expert_ids=ids[1])
         return experts, out, ids[2]
 
     def materialize(self, slot: int, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -100,10 +100,11 @@ def test_fused_layer_end_keeps_decode_bit_identical(tiny_checkpoint, monkeypatch
     from engine.experts import combine_kernel, fp8_kernel, offload
     from engine.experts.compute import dequant_expert, expert_forward
 
-    def eager_grouped(x, gate_up_slots, down_slots, slot_ids, gate_up_scales, down_scales):
+    def eager_grouped(x, gate_up_slots, down_slots, slot_ids, gate_up_scales, down_scales,
+                      expert_ids):  # the layer's scale tables, read at expert_ids
         return torch.stack([expert_forward(x, *dequant_expert(
-            gate_up_slots[s], gate_up_scales[i], down_slots[s], down_scales[i], torch.bfloat16))
-            for i, s in enumerate(slot_ids.tolist())])
+            gate_up_slots[s], gate_up_scales[e], down_slots[s], down_scales[e], torch.bfloat16))
+            for s, e in zip(slot_ids.tolist(), expert_ids.tolist(), strict=True)])
 
     fused = []
 

@@ -258,11 +258,12 @@ def test_grouped_decode_path_passes_the_right_slots_and_scales(tiny_checkpoint, 
 
     calls = []
 
-    def eager_grouped(x, gate_up_slots, down_slots, slot_ids, gate_up_scales, down_scales):
+    def eager_grouped(x, gate_up_slots, down_slots, slot_ids, gate_up_scales, down_scales,
+                      expert_ids):  # the layer's scale tables, read at expert_ids
         calls.append(len(slot_ids))
         return torch.stack([expert_forward(x, *dequant_expert(
-            gate_up_slots[s], gate_up_scales[i], down_slots[s], down_scales[i], torch.bfloat16))
-            for i, s in enumerate(slot_ids.tolist())])
+            gate_up_slots[s], gate_up_scales[e], down_slots[s], down_scales[e], torch.bfloat16))
+            for s, e in zip(slot_ids.tolist(), expert_ids.tolist(), strict=True)])
 
     monkeypatch.setattr(fp8_kernel, "grouped_expert_forward", eager_grouped)
     resident = LoadedModel(tiny_checkpoint, LoadOptions(dtype="bfloat16"))

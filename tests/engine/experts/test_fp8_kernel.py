@@ -115,6 +115,26 @@ def test_grouped_kernel_matches_the_eager_path(blocks, fmt, shape):
         assert max(rel_errors(ours, refs)) < TOL, (count, rel_errors(ours, refs))
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_grouped_kernel_reads_scales_by_expert_id(blocks, fmt):
+    """As the offload cache calls it: slot s holds some expert e != s, and the kernel reads e's
+    row of the layer's scale tables itself (a slot's index would give the wrong scale)."""
+    hidden, width = SHAPES[1]
+    gu, gu_s, dn, dn_s = make_slots(fmt, hidden, width)
+    holds = torch.tensor([3, 5, 0, 4, 1, 2])  # slot -> the expert it holds
+    slots_gu, slots_dn = gu[holds], dn[holds]
+    slot_ids = torch.tensor([1, 4, 2], dtype=torch.int32)
+    expert_ids = holds[slot_ids.long()].to(torch.int32)  # experts 5, 1, 0
+    x = tokens(2, hidden)
+    ours = blocks.grouped_expert_forward(x, slots_gu, slots_dn, slot_ids, gu_s, dn_s, expert_ids)
+    refs = [eager(x, gu[e], gu_s[e], dn[e], dn_s[e]) for e in expert_ids.tolist()]
+    assert max(rel_errors(ours, refs)) < TOL
+    by_slot = blocks.grouped_expert_forward(x, slots_gu, slots_dn, slot_ids, gu_s, dn_s, slot_ids)
+    assert min(rel_errors(by_slot, refs)) > TOL  # every expert's scale is then another's
+    with pytest.raises(ValueError, match="expert ids for 2"):
+        blocks.grouped_expert_forward(x, slots_gu, slots_dn, slot_ids, gu_s, dn_s, expert_ids[:2])
+
+
 def nan_padded(w: torch.Tensor, pad: int = 40) -> torch.Tensor:
     """w [S, R, C] FP8 as a view whose rows are followed by `pad` NaNs (E4M3 0x7F)."""
     wide = torch.full((*w.shape[:2], w.shape[2] + pad), 0x7F, dtype=torch.uint8, device=w.device)
@@ -200,11 +220,11 @@ def test_the_kernel_compiles_for_hopper(fmt, monkeypatch, tmp_path):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     weight = {"fp8": "*fp8e4nv", "int8": "*i8"}[fmt]
     signature = {"x_ptr": "*bf16", "w_ptr": weight, "y_ptr": "*bf16", "s_ptr": "*fp32",
-                 "ids_ptr": "*i32", **dict.fromkeys(
+                 "ids_ptr": "*i32", "sids_ptr": "*i32", **dict.fromkeys(
                      ["M", "N", "K", "stride_xe", "stride_xm", "stride_ws", "stride_wn",
                       "stride_ye", "stride_ym", "stride_se"], "i32")}
     for gated in (False, True):
-        constants = {"INDEXED": True, "GATED": gated, "ROW_SCALES": fmt == "int8",
+        constants = {"INDEXED": True, "SCALE_INDEXED": True, "GATED": gated, "ROW_SCALES": fmt == "int8",
                      "DOT_DTYPE": triton.language.bfloat16, "BLOCK_M": fp8_kernel.BLOCK_M,
                      "BLOCK_N": fp8_kernel.BLOCK_N, "BLOCK_K": fp8_kernel.BLOCK_K}
         source = ASTSource(fp8_kernel._expert_matmul_kernel,
