@@ -167,15 +167,7 @@ def run(args: argparse.Namespace) -> dict:
     experts.routing_log = None
     out["results"] += decode
     if args.profile:
-        from engine.bench.profiling import profile_decode
-
-        target = args.out.with_suffix(".profile.txt") if args.out else args.work_dir / "decode.profile.txt"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:  # a diagnostic: never cost the figures measured above
-            target.write_text(profile_decode(model))
-            out["profile_file"] = str(target)
-        except Exception as exc:  # noqa: BLE001 - profiler support varies by torch build
-            out["profile_error"] = f"{type(exc).__name__}: {exc}"
+        out |= write_profile(model, args)
     for size in _ints(args.prefill):
         out["results"].append({"test": f"pp{size}"} | prefill_run(model, size, args.chunk, head_s,
                                                                   REAL_LAYERS))
@@ -199,6 +191,19 @@ def run(args: argparse.Namespace) -> dict:
         out["peak_gpu_bytes"] = [torch.cuda.max_memory_allocated(i)
                                  for i in range(torch.cuda.device_count())]
     return out
+
+
+def write_profile(model, args: argparse.Namespace) -> dict:
+    """torch.profiler tables of a few decode tokens beside --out (or in the work dir)."""
+    from engine.bench.profiling import profile_decode
+
+    target = args.out.with_suffix(".profile.txt") if args.out else args.work_dir / "decode.profile.txt"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:  # a diagnostic: never cost the figures measured before it
+        target.write_text(profile_decode(model))
+        return {"profile_file": str(target)}
+    except Exception as exc:  # noqa: BLE001 - profiler support varies by torch build
+        return {"profile_error": f"{type(exc).__name__}: {exc}"}
 
 
 def ceiling(mach: dict, row: dict | None, cfg, args: argparse.Namespace, host_format: str) -> dict:
