@@ -128,9 +128,6 @@ def routing_trace(args: argparse.Namespace, cfg, num_tokens: int):
 
 
 def run(args: argparse.Namespace) -> dict:
-    from engine.cli import routing_trace as log_to_trace
-    from engine.experts.policy import belady_hit_rate
-
     model, folder, plan_summary = load_model(args)
     cfg = model.config
     experts = model.experts
@@ -148,23 +145,7 @@ def run(args: argparse.Namespace) -> dict:
                  "slots_per_layer": list(model.opts.layer_slots) or model.opts.expert_cache_slots,
                  "machine": machine.describe(cfg.hidden_size, cfg.moe_intermediate_size, model.dtype),
                  "results": []}
-    decode = []
-    slots = list(model.opts.layer_slots) or model.opts.expert_cache_slots
-    for depth in _ints(args.depth):
-        experts.routing_log = []
-        row = decode_run(model, depth, args.tokens, args.warmup, head_s, REAL_LAYERS)
-        # Belady sees the warm-up too (and counts only the measured tokens), as the policy did.
-        seen = log_to_trace(experts.routing_log, cfg.num_hidden_layers)
-        counters = experts.counters()
-        row |= {"test": f"tg{args.tokens} @ d{depth}", "hit_rate": counters["hit_rate"],
-                "belady_bypass_hit_rate": belady_hit_rate(
-                    seen, slots, warmup_tokens=max(0, len(seen) - args.tokens)),
-                "bytes_copied_per_token": counters["bytes_copied"] / args.tokens,
-                "bytes_cpu_per_token": counters["bytes_cpu"] / args.tokens}
-        row |= {k: counters[k] for k in ("prefetch_issued", "prefetch_used", "prefetch_wasted")
-                if k in counters}
-        decode.append(row)
-    experts.routing_log = None
+    decode = decode_rows(model, args, head_s)
     out["results"] += decode
     if args.profile:
         out |= write_profile(model, args)
@@ -191,6 +172,31 @@ def run(args: argparse.Namespace) -> dict:
         out["peak_gpu_bytes"] = [torch.cuda.max_memory_allocated(i)
                                  for i in range(torch.cuda.device_count())]
     return out
+
+
+def decode_rows(model, args: argparse.Namespace, head_s: float) -> list[dict]:
+    """One row per --depth: decode tok/s, hit rate beside Belady's, bytes per token."""
+    from engine.cli import routing_trace as log_to_trace
+    from engine.experts.policy import belady_hit_rate
+
+    experts, rows = model.experts, []
+    slots = list(model.opts.layer_slots) or model.opts.expert_cache_slots
+    for depth in _ints(args.depth):
+        experts.routing_log = []
+        row = decode_run(model, depth, args.tokens, args.warmup, head_s, REAL_LAYERS)
+        # Belady sees the warm-up too (and counts only the measured tokens), as the policy did.
+        seen = log_to_trace(experts.routing_log, model.config.num_hidden_layers)
+        counters = experts.counters()
+        row |= {"test": f"tg{args.tokens} @ d{depth}", "hit_rate": counters["hit_rate"],
+                "belady_bypass_hit_rate": belady_hit_rate(
+                    seen, slots, warmup_tokens=max(0, len(seen) - args.tokens)),
+                "bytes_copied_per_token": counters["bytes_copied"] / args.tokens,
+                "bytes_cpu_per_token": counters["bytes_cpu"] / args.tokens}
+        row |= {k: counters[k] for k in ("prefetch_issued", "prefetch_used", "prefetch_wasted")
+                if k in counters}
+        rows.append(row)
+    experts.routing_log = None
+    return rows
 
 
 def write_profile(model, args: argparse.Namespace) -> dict:
