@@ -23,9 +23,11 @@ DEFAULT_GPU_MARGIN_BYTES = GiB  # CUDA context, fragmentation, other processes
 # plus the expert streaming buffers (0.2 GiB, engine.experts.streaming); the norms' fp32
 # temporaries and the MoE phase stay below that.
 DEFAULT_WORKSPACE_BYTES = 3 * GiB // 2
-# Reading one image of the largest size (engine.images) on the GPU: the encoder's activations
-# and its block attention mask, beside its weights copied in (0.81 GB); both fit in the workspace.
-VISION_ACTIVATION_BYTES = GiB // 2
+# Reading one image of the largest size (engine.images, 12,100 patches) on the GPU, beside the
+# encoder's weights copied in (0.81 GB): its [N, N] bf16 block mask (0.29 GB, perhaps twice
+# if the attention kernel pads a copy) and one layer's activations (~0.4 GB); estimated, not
+# yet measured on a GPU. The prefill staging buffers are released first (engine.runtime).
+VISION_ACTIVATION_BYTES = GiB
 HOST_MARGIN_FRACTION = 0.10  # pinned store: experts + 10% (the mission's host-memory rule) ...
 HOST_SAFETY_BYTES = 4 * GiB  # ... + room for the OS and the app
 MIN_CONTEXT, CONTEXT_STEP = 4096, 1024  # proposals: shortest useful context, its granularity

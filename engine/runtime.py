@@ -158,6 +158,9 @@ class LoadedModel:
             if not self.config.vision:
                 raise InputError("This model has no vision encoder, so it cannot read images.")
             pixels = [torch.from_numpy(img.pixels) for img in prompt.images]
+            release = getattr(self.experts, "release_staging", None)  # offloaded backends only
+            if release is not None:  # the encoder borrows the prefill workspace (engine.placement)
+                release()
             feats = self.vision.encode(pixels).to(embeds.dtype)
             mask = (ids == IMG).to(embeds.device)
             embeds = embeds.clone()

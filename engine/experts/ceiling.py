@@ -128,15 +128,14 @@ def split_streamed(token_counts: Sequence[int], bytes_per_expert: int, pcie_bps:
     """
     if cpu_bps <= 0 or cpu_tokens_per_s <= 0:
         return []
-    order = sorted(range(len(token_counts)), key=token_counts.__getitem__)
+    order = sorted((i for i, t in enumerate(token_counts) if t <= max_tokens),
+                   key=token_counts.__getitem__)
     if pcie_bps <= 0:
         return order
     copy_s = bytes_per_expert / pcie_bps
     copies_s, cpu_s = copy_s * len(order), 0.0
     chosen: list[int] = []
     for i in order:
-        if token_counts[i] > max_tokens:
-            break
         cost = max(bytes_per_expert / cpu_bps, token_counts[i] / cpu_tokens_per_s)
         if cpu_s + cost > copies_s - copy_s:
             break

@@ -37,7 +37,8 @@ if TRITON_IMPORTED:
         interpreter truncates in .to(tl.bfloat16), and this way both round alike."""
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
+        # A NaN stays NaN: the GPU's canonical one (0x7FFFFFFF) would round into -0.0.
+        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
 
     @triton.jit
     def _combine_kernel(ys_ptr, w_ptr, order_ptr, shared_ptr, h_ptr, out_ptr, n, H, stride_y,

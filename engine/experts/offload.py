@@ -30,6 +30,9 @@ from engine.model.moe import Deferred, run_experts
 # through staging once per chunk instead of going through the decode cache.
 log = logging.getLogger(__name__)
 STREAM_MIN_TOKENS = 64
+# Up to this many tokens a streamed chunk may hand experts to the CPU: the whole chunk's input
+# goes to the host for it (32 MB at 4K), and GPU outputs after the first CPU expert wait for it.
+STREAM_CPU_MAX_TOKENS = 4096
 POLICIES = {"lru": LRUPolicy, "lrfu": LRFUPolicy, "shift": ShiftLRFUPolicy}
 
 
@@ -328,7 +331,7 @@ class OffloadedExperts:
         """CPU jobs for the streamed experts (expert, its tokens) the CPU finishes sooner than
         their copies would (engine.experts.ceiling.split_streamed): none for long chunks."""
         p = self.profile
-        if not self.cpu_misses or p is None or not missing:
+        if not self.cpu_misses or p is None or not missing or x.shape[0] > STREAM_CPU_MAX_TOKENS:
             return {}
         chosen = split_streamed([t for _, t in missing], self.layers[layer].host.expert_bytes(),
                                 p.pcie_bytes_per_s, p.cpu_expert_bytes_per_s, p.cpu_expert_tokens_per_s)
@@ -344,6 +347,14 @@ class OffloadedExperts:
         if slots.device not in self._buffers:
             self._buffers[slots.device] = StagingBuffers(slots.host.gate_up, slots.host.down, slots.device)
         return self._buffers[slots.device]
+
+    def release_staging(self) -> None:
+        """Free the prefill staging buffers (made again by the next long chunk), so the vision
+        encoder can borrow the workspace. Work already queued keeps them: the allocator frees
+        a block for reuse in stream order."""
+        if self.prefetcher is not None:
+            self.prefetcher.drain()
+        self._buffers.clear()
 
     def seed(self, counts: dict[tuple[int, int], float]) -> None:
         if self.prefetcher is not None:

@@ -58,10 +58,12 @@ class VisionTower:
         for px in pixels:
             size = torch.tensor([[px.shape[1], px.shape[2]]])
             batch = px[None].to(device=self.device, dtype=self.dtype)
+            # The last layer's output only: asking for every hidden state would hold all 24
+            # (0.6 GB for the largest image) in the workspace the encoder borrows.
             out = functional_call(self.tower, tower, (batch,), {"image_sizes": size,
-                                  "output_hidden_states": True, "return_dict": True})
+                                                                "return_dict": True})
             feats.append(functional_call(self.projector, projector,
-                                         (out.hidden_states[-1].squeeze(0), size)))
+                                         (out.last_hidden_state.squeeze(0), size)))
         return torch.cat(feats, dim=0)
 
 

@@ -197,6 +197,7 @@ def test_cuda_image_prompt_borrows_the_gpu_only_while_encoding(tiny_checkpoint, 
     embeds = model.embed_prompt(prompt, 0)
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == before  # the encoder's copies are gone
+    assert model.experts._buffers == {}  # no staging held while an image is read
     assert embeds.device.type == "cpu"
     ours = model.forward(embeds, model.decoder.new_cache(), logits_for="all").cpu()
     assert_close("cuda image prompt", ours, expected, 1e-3)

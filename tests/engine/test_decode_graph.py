@@ -130,3 +130,25 @@ def test_fused_layer_end_keeps_decode_bit_identical(tiny_checkpoint, monkeypatch
     assert 0 < len(fused) < 16 * num_layers  # all-hit steps fused; steps with CPU misses not
     assert model.experts.counters()["cpu_experts"] > 0
     model.close()
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["ordinary", "static"])
+def test_benchmark_routing_is_forced_on_both_decode_paths(tiny_checkpoint, static):
+    """The GPU benchmark decodes through the static step (decode_step), the CPU one through
+    forward: the trace's experts must be the ones used on either path."""
+    from engine.bench.measure import TraceRouting
+    from engine.experts.traces import random_trace
+
+    trace = random_trace(20, 2, 8, 2, seed=3)
+    model = LoadedModel(tiny_checkpoint, LoadOptions(dtype="float32", expert_cache_slots=2))
+    if static:
+        model.decoder.decode_steps = DecodeSteps(model.decoder, use_graphs=False)
+    model.decoder.experts = TraceRouting(model.experts, trace, prediction_error=0.0)
+    cache = model.decoder.new_cache()
+    model.forward(model.embed_ids([1, 306, 4658]), cache)  # a prompt routes as the model does
+    model.experts.routing_log = []
+    for t in range(8):
+        model.forward(model.embed_ids([306 + t]), cache)
+    used = [sorted(ids.flatten().tolist()) for ids in model.experts.routing_log]
+    assert used == [sorted(trace[t, layer].tolist()) for t in range(8) for layer in range(2)]
+    model.close()

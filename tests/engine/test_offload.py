@@ -311,3 +311,19 @@ def test_int8_requantisation_rounds_each_row_to_its_own_scale():
     peak_codes = codes.abs().amax(dim=-1)
     assert (peak_codes[exact.abs().amax(dim=-1) > 0] == 127).all()
     assert (codes[1, 2] == 0).all() and 0 < float(rows[1, 2]) <= 1e-12
+
+
+def test_reading_an_image_first_frees_the_prefill_staging(tiny_checkpoint, tmp_path):
+    """The vision encoder borrows the prefill workspace (engine.placement): the staging buffers
+    a long chunk left behind are released before it runs, and made again by the next chunk."""
+    from PIL import Image
+
+    img_path = tmp_path / "photo.png"
+    Image.new("RGB", (56, 56), (200, 30, 30)).save(img_path)
+    model = LoadedModel(tiny_checkpoint, LoadOptions(dtype="float32", expert_cache_slots=2))
+    model.experts._buffers[torch.device("cpu")] = object()  # as a GPU prefill leaves them
+    prompt = model.formatter.build([api.ChatMessage("user", "What is this?", images=(img_path,))],
+                                   "", "none")
+    embeds = model.embed_prompt(prompt, 0)
+    assert model.experts._buffers == {} and embeds.shape[0] == len(prompt.ids)
+    model.close()

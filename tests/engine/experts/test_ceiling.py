@@ -96,7 +96,7 @@ def test_split_streamed_gives_the_cpu_the_fewest_token_experts() -> None:
     assert cpu_s + max(EXPERT_BYTES / B_C, counts[len(chosen)] / 20_000.0) > copy_s - EXPERT_BYTES / B_P
     # No CPU path: nothing; no PCIe: everything.
     assert split_streamed([1, 2], EXPERT_BYTES, B_P, 0.0, 1e4) == []
-    assert split_streamed([2, 1], EXPERT_BYTES, 0.0, B_C, 1e4) == [1, 0]
+    assert split_streamed([2, 1, 65], EXPERT_BYTES, 0.0, B_C, 1e4) == [1, 0]
 
 
 def test_prefill_ceiling_matches_the_note() -> None:

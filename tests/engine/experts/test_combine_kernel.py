@@ -50,6 +50,24 @@ def test_combine_equals_the_eager_path_bit_for_bit(kernels, hidden, order):
     assert torch.equal(ours, combine_kernel.eager_combine(ys, weights, order, shared, h))
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit where finite, and NaN / inf in the same places."""
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
+
+
+def test_nan_and_inf_propagate_as_in_the_eager_path(kernels):
+    """A layer that blows up must show it: NaN stays NaN, overflow becomes inf, as eagerly."""
+    ys, weights, shared, h = step(4, 300)
+    ys[1, 0, :10] = float("nan")
+    ys[2, 0, 10:20] = float("inf")
+    h[0, 20:30] = 3e38  # + routed + shared overflows bf16 to inf
+    order = [2, 0, 3, 1]
+    ours = kernels.combine(ys, weights, torch.tensor(order, dtype=torch.int32), shared, h)
+    expected = combine_kernel.eager_combine(ys, weights, order, shared, h)
+    assert expected.isnan().any() and expected.isinf().any()
+    assert _same(ours, expected)
+
+
 def test_eager_combine_is_what_the_decoder_computes():
     """eager_combine is the reference the kernel is held to: the MoE loop plus the residual."""
     from engine.model.moe import run_experts
@@ -112,7 +130,9 @@ def test_combine_on_the_gpu_equals_the_eager_path():
     device = torch.device("cuda", 0)
     assert combine_kernel.combine_usable(device)
     ys, weights, shared, h = step(4, 4096, device="cuda")
+    ys[1, 0, :10] = float("nan")  # the GPU's canonical NaN must not round into -0.0
+    ys[2, 0, 10:20] = float("inf")
     order = [3, 1, 0, 2]
     ours = combine_kernel.combine(ys, weights, torch.tensor(order, dtype=torch.int32, device=device),
                                   shared, h)
-    assert torch.equal(ours, combine_kernel.eager_combine(ys, weights, order, shared, h))
+    assert _same(ours, combine_kernel.eager_combine(ys, weights, order, shared, h))
