@@ -112,12 +112,13 @@ class LoadedModel:
                                    host_mode=self.opts.host_mode, host_format=self.opts.host_format,
                                    prefetch=self.opts.prefetch, policy=self.opts.policy,
                                    progress=progress)
-        if self.layer_devices[0].type == "cuda":
+        gpus = sorted({d for d in self.layer_devices if d.type == "cuda"}, key=str)
+        if gpus:
             from engine.experts.profile import load_or_measure
 
             cfg = self.config
-            experts.profile = load_or_measure(self.layer_devices[0], experts.store.fmt,
-                                              cfg.hidden_size, cfg.moe_intermediate_size, self.dtype)
+            experts.profiles = {d: load_or_measure(d, experts.store.fmt, cfg.hidden_size,
+                                                   cfg.moe_intermediate_size, self.dtype) for d in gpus}
         return experts
 
     # ------------------------------------------------------------------ forward helpers

@@ -134,7 +134,8 @@ class OffloadedExperts:
         # Set on GPU loads (engine.experts.profile): with it, a step's misses (and a short
         # prefill chunk's streamed experts) are split so that PCIe copies and CPU compute
         # finish together; without it, admission alone decides.
-        self.profile: MachineProfile | None = None
+        # One per GPU: each card has its own PCIe link (a second card often sits in an x8 slot).
+        self.profiles: dict[torch.device, MachineProfile] = {}
         self._buffers: dict[torch.device, StagingBuffers] = {}
         self.bytes_copied = 0
         self.bytes_cpu = 0
@@ -203,6 +204,9 @@ class OffloadedExperts:
         selected = sorted(set(top_idx.flatten().tolist()))
         if self.prefetcher is not None:
             self.prefetcher.account(layer, set(selected))
+        # One decode token on a GPU: every slot expert goes through the grouped kernel at the
+        # end, so no per-expert weights are looked up on the way.
+        grouping = slots.use_grouped and x.shape[0] == 1 and self.dtype == torch.bfloat16
         in_slot: dict[int, int] = {}  # experts computed from their slots: expert -> slot
         for expert in selected:
             slot = self.policy.lookup((layer, expert))
@@ -210,9 +214,10 @@ class OffloadedExperts:
                 misses.append(expert)
             else:
                 self._before_slot_use(layer, slot)
-                plan[expert] = slots.weights(slot, expert, self.dtype)
+                if not grouping:
+                    plan[expert] = slots.weights(slot, expert, self.dtype)
                 in_slot[expert] = slot
-        num_copies = self._num_copies(len(misses), slots.host.expert_bytes())
+        num_copies = self._num_copies(layer, len(misses), slots.host.expert_bytes())
         decisions = [(e, self.policy.admit((layer, e)) if i < num_copies else None)
                      for i, e in enumerate(misses)]
         # CPU jobs start first: their input must reach the host before the PCIe copies are
@@ -229,16 +234,17 @@ class OffloadedExperts:
                     plan[expert] = self._staged(layer, expert, slots.device)
                 continue
             evicted = admitted[1]
-            if evicted is not None and evicted[0] == layer and evicted[1] in plan:
+            if evicted is not None and evicted[0] == layer and evicted[1] in in_slot:
                 # A hit of this very step is being evicted: keep its weights first.
                 plan[evicted[1]] = slots.materialize(admitted[0], evicted[1], self.dtype)
                 del in_slot[evicted[1]]
             self._before_slot_use(layer, admitted[0])  # a queued prefetch into it comes first
             self.bytes_copied += slots.fill(admitted[0], expert)
-            plan[expert] = slots.weights(admitted[0], expert, self.dtype)
+            if not grouping:
+                plan[expert] = slots.weights(admitted[0], expert, self.dtype)
             in_slot[expert] = admitted[0]
         grouped = None
-        if in_slot and slots.use_grouped and x.shape[0] == 1 and self.dtype == torch.bfloat16:
+        if in_slot and grouping:
             grouped = slots.grouped(x, in_slot, top_idx[0].tolist())
             for expert, y in zip(grouped[0], grouped[1], strict=True):
                 plan[expert] = _computed(y)
@@ -271,11 +277,11 @@ class OffloadedExperts:
             after.record(torch.cuda.current_stream(device))
         self.prefetcher.issue(self.layers[target], target, fills, after)
 
-    def _num_copies(self, num_misses: int, expert_bytes: int) -> int:
+    def _num_copies(self, layer: int, num_misses: int, expert_bytes: int) -> int:
         """How many of a step's misses go over PCIe (the rest to the CPU), so both finish together."""
-        if not self.cpu_misses or self.profile is None:
+        p = self.profiles.get(self.layers[layer].device)
+        if not self.cpu_misses or p is None:
             return num_misses
-        p = self.profile
         return split_misses(num_misses, expert_bytes, p.pcie_bytes_per_s, p.cpu_expert_bytes_per_s)[0]
 
     def _submit_cpu(self, layer: int, expert: int, x_host: torch.Tensor, top_idx: torch.Tensor) -> Future:
@@ -330,7 +336,7 @@ class OffloadedExperts:
                    missing: list[tuple[int, int]]) -> dict[int, Future]:
         """CPU jobs for the streamed experts (expert, its tokens) the CPU finishes sooner than
         their copies would (engine.experts.ceiling.split_streamed): none for long chunks."""
-        p = self.profile
+        p = self.profiles.get(self.layers[layer].device)
         if not self.cpu_misses or p is None or not missing or x.shape[0] > STREAM_CPU_MAX_TOKENS:
             return {}
         chosen = split_streamed([t for _, t in missing], self.layers[layer].host.expert_bytes(),

@@ -24,7 +24,11 @@ class MachineProfile:
 
 
 def profile_key(device: torch.device, host_format: str, hidden: int, width: int) -> str:
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    """Names the GPU by model and slot: two alike cards can sit on links of different widths."""
+    gpu = "cpu"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        gpu = f"{props.name} on bus {getattr(props, 'pci_bus_id', device.index)}"
     from engine.bench.machine import cpu_name
 
     return f"{gpu}|{cpu_name()}|{torch.get_num_threads()} threads|{host_format}|{hidden}x{width}"

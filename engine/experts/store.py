@@ -12,6 +12,7 @@ Glossary: E experts, I expert width, H hidden, R rows.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,9 +47,9 @@ class LayerExperts:
     gate_up_scale: torch.Tensor  # [E] fp32 multipliers (fp8), or [E, 2I] per-row (int8)
     down_scale: torch.Tensor  # [E] or [E, H]
 
-    def expert_bytes(self) -> int:
-        return (self.gate_up[0].numel() * self.gate_up.element_size()
-                + self.down[0].numel() * self.down.element_size())
+    def expert_bytes(self) -> int:  # from shapes, not by indexing (a tensor op per call)
+        return math.prod(self.gate_up.shape[1:]) * self.gate_up.element_size() + \
+            math.prod(self.down.shape[1:]) * self.down.element_size()
 
 
 class HostExpertStore:

@@ -131,6 +131,7 @@ def test_two_gpus_split_layers_and_keep_the_kernels(tiny_checkpoint, reference_l
     model = LoadedModel(tiny_checkpoint, LoadOptions(device="cuda", dtype="float32", gpus=(0, 1),
                                                      expert_cache_slots=2))
     assert [d.index for d in model.layer_devices] == [0, 1]
+    assert set(model.experts.profiles) == set(model.layer_devices)  # one PCIe link each
     assert_close("two gpus", _logits(model), reference_logits, 1e-3)
     steps = model.decoder.decode_steps
     assert steps is not None and not steps.failed and len(steps._captured) == 2

@@ -136,16 +136,24 @@ def test_int8_host_format_stays_close_to_the_fp8_reference(tiny_checkpoint, refe
     model.close()
 
 
+def _profile(model: LoadedModel, profile: MachineProfile) -> None:
+    """The rates a GPU load measures, given to the (CPU) layers' device."""
+    model.experts.profiles = {torch.device("cpu"): profile}
+
+
 def test_misses_are_split_between_copies_and_cpu_by_bandwidth(tiny_checkpoint, reference_logits):
     """With PCIe twice as fast as the CPU path, about two thirds of a step's misses are copied."""
     model = LoadedModel(tiny_checkpoint, LoadOptions(dtype="float32", expert_cache_slots=0))
-    model.experts.profile = MachineProfile(2.0e9, 1.0e9, 1.0e6, "test")
-    assert model.experts._num_copies(6, 1000) == 4
-    model.experts.profile = MachineProfile(1.0e9, 0.0, 0.0, "test")
-    assert model.experts._num_copies(5, 1000) == 5
+    _profile(model, MachineProfile(2.0e9, 1.0e9, 1.0e6, "test"))
+    assert model.experts._num_copies(0, 6, 1000) == 4
+    _profile(model, MachineProfile(1.0e9, 0.0, 0.0, "test"))
+    assert model.experts._num_copies(0, 5, 1000) == 5
+    # Rates are per GPU (each has its own link): a layer whose device has none copies them all.
+    model.experts.profiles = {torch.device("cuda", 1): MachineProfile(2.0e9, 1.0e9, 1.0e6, "test")}
+    assert model.experts._num_copies(0, 6, 1000) == 6
     model.close()
     model = LoadedModel(tiny_checkpoint, LoadOptions(dtype="float32", expert_cache_slots=3))
-    model.experts.profile = MachineProfile(1.0e9, 1.0e9, 1.0e9, "test")
+    _profile(model, MachineProfile(1.0e9, 1.0e9, 1.0e9, "test"))
     assert_close("split", _run(model, prefill=70), reference_logits, FP32_ATOL)
     counters = model.experts.counters()
     assert counters["cpu_experts"] > 0 and counters["bytes_copied"] > 0
@@ -158,7 +166,7 @@ def test_short_prefill_chunks_share_streamed_experts_with_the_cpu(tiny_checkpoin
     model = LoadedModel(tiny_checkpoint, LoadOptions(dtype="float32", expert_cache_slots=2))
     experts = model.experts
     # Equal rates: the CPU takes about half of each layer's missing experts, fewest tokens first.
-    experts.profile = MachineProfile(1.0e9, 1.0e9, 1.0e9, "test")
+    _profile(model, MachineProfile(1.0e9, 1.0e9, 1.0e9, "test"))
     cache = model.decoder.new_cache()
     logits = model.forward(model.embed_ids(IDS[:70]), cache, logits_for="all")
     assert_close("streamed split", logits, reference_logits[:70], FP32_ATOL)
@@ -167,7 +175,7 @@ def test_short_prefill_chunks_share_streamed_experts_with_the_cpu(tiny_checkpoin
     assert 0 < counters["cpu_experts"] < num_experts
     # A CPU far slower per token than a copy keeps every expert on the stream.
     experts.reset_counters()
-    experts.profile = MachineProfile(1.0e9, 1.0e9, 1.0, "test")
+    _profile(model, MachineProfile(1.0e9, 1.0e9, 1.0, "test"))
     model.forward(model.embed_ids(IDS[:70]), model.decoder.new_cache(), logits_for="all")
     assert experts.counters()["cpu_experts"] == 0
     model.close()
