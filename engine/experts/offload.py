@@ -23,7 +23,13 @@ from engine.experts.policy import CachePolicy, LRFUPolicy, LRUPolicy, ShiftLRFUP
 from engine.experts.prefetch import SlotPrefetcher
 from engine.experts.profile import MachineProfile
 from engine.experts.store import HostExpertStore, LayerExperts
-from engine.experts.streaming import ExpertStreamer, StagingBuffers
+from engine.experts.streaming import (
+    LOOKAHEAD_MIN_TOKENS,
+    ExpertStreamer,
+    StagingBuffers,
+    experts_ahead,
+    issue_ahead,
+)
 from engine.model.moe import Deferred, run_experts
 
 # At or above this many tokens in a forward (prefill chunks) a layer's experts are streamed
@@ -140,6 +146,7 @@ class OffloadedExperts:
         self.bytes_copied = 0
         self.bytes_cpu = 0
         self.num_cpu_experts = 0
+        self.num_ahead_issued = self.num_ahead_used = 0  # prefill groups copied ahead, adopted
         # Prefetch (engine.experts.prefetch): the decoder tells us layer i+1's predicted experts
         # before layer i runs (`expect`), and layer i queues their copies behind its own.
         if prefetch and self.store.mode == "mmap" and any(d.type == "cuda" for d in layer_devices):
@@ -182,6 +189,18 @@ class OffloadedExperts:
         if grouped is not None and len(grouped[0]) == len(plan) and combine_usable(x.device):
             return combine(grouped[1], top_weights, grouped[2], shared, h)
         return h + (run_experts(x, top_idx, top_weights, plan.__getitem__) + shared)
+
+    def begin_layer(self, layer: int, num_tokens: int) -> None:
+        """A chunk of num_tokens is about to enter `layer`. A long one will stream nearly all of
+        the layer's experts, so the first two staging groups are copied now, while its attention
+        runs, instead of after its routing (engine.experts.streaming.issue_ahead)."""
+        slots = self.layers[layer]
+        buffers = self._staging(slots) if num_tokens >= LOOKAHEAD_MIN_TOKENS else None
+        if buffers is None:
+            return
+        ahead = experts_ahead(self.num_experts, lambda e: self.policy.peek((layer, e)) is not None)
+        self.bytes_copied += issue_ahead(buffers, slots.host, layer, ahead)
+        self.num_ahead_issued += 1
 
     def _routing_on_host(self, layer: int, top_idx: torch.Tensor) -> torch.Tensor:
         top_idx = top_idx.cpu()  # the one wait on the GPU this layer: routing is host work
@@ -329,6 +348,7 @@ class OffloadedExperts:
 
         out = run_experts(x, top_idx, top_weights, source)
         self.bytes_copied += streamer.num_bytes_copied
+        self.num_ahead_used += streamer.adopted
         self.seed({(layer, e): float(c) for e, c in zip(ids, num_tokens)})
         return out
 
@@ -375,6 +395,7 @@ class OffloadedExperts:
         """Start counting afresh (after a benchmark's warm-up); the cache contents stay."""
         self.policy.num_hits = self.policy.num_misses = 0
         self.bytes_copied = self.bytes_cpu = self.num_cpu_experts = 0
+        self.num_ahead_issued = self.num_ahead_used = 0
         if self.prefetcher is not None:
             self.prefetcher.reset_counters()
 
@@ -383,7 +404,8 @@ class OffloadedExperts:
         p = self.policy
         out = {"hits": p.num_hits, "misses": p.num_misses, "hit_rate": p.hit_rate,
                "bytes_copied": self.bytes_copied, "bytes_cpu": self.bytes_cpu,
-               "cpu_experts": self.num_cpu_experts}
+               "cpu_experts": self.num_cpu_experts, "prefill_ahead_issued": self.num_ahead_issued,
+               "prefill_ahead_used": self.num_ahead_used}
         if self.prefetcher is not None:
             out |= self.prefetcher.counters()
             out["bytes_copied"] += out["bytes_prefetched"]

@@ -1,7 +1,9 @@
 """Prefill expert streaming: a chunk uses nearly every expert of a layer, so each expert it
 needs is brought to the GPU once per chunk. Cached experts come from their slots; the rest
 stream from the host store through two staging buffers of GROUP experts, the copy of the
-next group running on a side CUDA stream while the current group computes.
+next group running on a side CUDA stream while the current group computes. For long chunks
+the first two groups of the next layer are copied ahead (`issue_ahead`), while that layer's
+attention runs: the link would otherwise idle until its routing is known.
 
 On a CPU-only machine (device == host) the experts are read from the host store directly.
 Glossary: G experts per group, I expert width, H hidden.
@@ -16,6 +18,9 @@ from engine.experts.compute import dequant_expert
 # 2 buffers x 4 experts x 25 MB = 200 MB of staging at the real shapes; a group's 100 MB copy
 # keeps PCIe busy for ~2 ms, far longer than the work between two groups' copies.
 GROUP = 4
+# From this many tokens a chunk uses every expert of a layer (a given expert goes unused with
+# odds ~exp(-T K / E), e^-128 at 4K), so the ones to copy ahead are known before routing.
+LOOKAHEAD_MIN_TOKENS = 4096
 
 
 class StagingBuffers:
@@ -27,6 +32,43 @@ class StagingBuffers:
         self.stream = torch.cuda.Stream(device)
         self.ready = [torch.cuda.Event(), torch.cuda.Event()]
         self.free = [torch.cuda.Event(), torch.cuda.Event()]
+        # (layer, experts) copied ahead into groups 0 and 1; valid until the next streamer
+        # takes it (any later copy could have overwritten the buffers).
+        self.ahead: tuple[int, list[int]] | None = None
+
+
+def experts_ahead(num_experts: int, is_cached) -> list[int]:
+    """The experts of a long chunk's first two groups: all experts in id order, less the cached
+    ones (is_cached(e) -> bool), as ExpertStreamer groups them."""
+    return [e for e in range(num_experts) if not is_cached(e)][: 2 * GROUP]
+
+
+def issue_ahead(buffers: StagingBuffers, host, layer: int, experts: list[int]) -> int:
+    """Copy `experts` into groups 0 and 1 of the staging buffers before `layer` is routed, after
+    the compute queued so far (the previous layer's, which reads them); returns the bytes."""
+    buffers.stream.wait_stream(torch.cuda.current_stream(buffers.gate_up.device))
+    groups = [experts[i : i + GROUP] for i in range(0, min(len(experts), 2 * GROUP), GROUP)]
+    for g, group in enumerate(groups):
+        _copy_group(buffers, host, group, g)
+    buffers.ahead = (layer, [e for group in groups for e in group])
+    return sum(len(group) for group in groups) * host.expert_bytes()
+
+
+def adopts_ahead(ahead: tuple[int, list[int]] | None, layer: int, groups: list[list[int]]) -> bool:
+    """Whether the copies made ahead are exactly this layer's first two groups."""
+    return ahead is not None and ahead[0] == layer and \
+        ahead[1] == [e for group in groups[:2] for e in group]
+
+
+def _copy_group(b: StagingBuffers, host, experts: list[int], g: int) -> None:
+    """Queue group g's copies into buffer g % 2 on the side stream; ready[g % 2] marks them."""
+    with torch.cuda.stream(b.stream):
+        if g >= 2:
+            b.stream.wait_event(b.free[g % 2])
+        for i, expert in enumerate(experts):
+            b.gate_up[g % 2, i].copy_(host.gate_up[expert], non_blocking=True)
+            b.down[g % 2, i].copy_(host.down[expert], non_blocking=True)
+        b.ready[g % 2].record(b.stream)
 
 
 class ExpertStreamer:
@@ -40,12 +82,17 @@ class ExpertStreamer:
         self.groups = [missing[i : i + GROUP] for i in range(0, len(missing), GROUP)]
         self.where = {e: (g, i) for g, grp in enumerate(self.groups) for i, e in enumerate(grp)}
         self.num_bytes_copied = 0
+        self.adopted = False  # groups 0 and 1 were copied ahead (engine.experts.offload)
         self._current_group = -1
         if buffers is not None:
-            # The buffers may still be read by the previous chunk's queued compute.
-            buffers.stream.wait_stream(torch.cuda.current_stream(buffers.gate_up.device))
-            for g in range(min(2, len(self.groups))):
-                self._issue_copy(g)
+            ahead, buffers.ahead = buffers.ahead, None
+            self.adopted = adopts_ahead(ahead, layer, self.groups)
+            if not self.adopted:
+                # The buffers may still be read by the previous chunk's queued compute (and
+                # copies made ahead for nothing are queued before these, on the same stream).
+                buffers.stream.wait_stream(torch.cuda.current_stream(buffers.gate_up.device))
+                for g in range(min(2, len(self.groups))):
+                    self._issue_copy(g)
 
     def __call__(self, expert: int):
         if expert in self.cached:
@@ -76,14 +123,6 @@ class ExpertStreamer:
         self._current_group = g
 
     def _issue_copy(self, g: int) -> None:
-        b = self.buffers
-        assert b is not None
-        host = self.slots.host
-        with torch.cuda.stream(b.stream):
-            if g >= 2:
-                b.stream.wait_event(b.free[g % 2])
-            for i, expert in enumerate(self.groups[g]):
-                b.gate_up[g % 2, i].copy_(host.gate_up[expert], non_blocking=True)
-                b.down[g % 2, i].copy_(host.down[expert], non_blocking=True)
-                self.num_bytes_copied += host.expert_bytes()
-            b.ready[g % 2].record(b.stream)
+        assert self.buffers is not None
+        _copy_group(self.buffers, self.slots.host, self.groups[g], g)
+        self.num_bytes_copied += len(self.groups[g]) * self.slots.host.expert_bytes()

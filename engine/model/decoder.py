@@ -118,11 +118,14 @@ class DecoderModel:
             finally:
                 steps.end()
         tables: dict[torch.device, PositionTables] = {}  # made once per device, not per layer
+        begin_layer = getattr(self.experts, "begin_layer", None)  # offloaded backends only
         h = embeds
         for i, layer in enumerate(self.layers):
             if should_stop is not None and should_stop():
                 raise InterruptedError
             h = h.to(layer.device)
+            if begin_layer is not None:
+                begin_layer(i, num_tokens)
             if layer.device not in tables:
                 tables[layer.device] = PositionTables.build(
                     self.ropes[layer.device], cache.offset, num_tokens, h.dtype, layer.device)

@@ -177,6 +177,27 @@ def test_cuda_streamed_prefill_reuses_its_staging_buffers(tiny_checkpoint, refer
     model.close()
 
 
+@pytest.mark.parametrize("guess", ["right", "wrong"])
+def test_cuda_long_chunks_copy_the_next_layers_first_groups_ahead(tiny_checkpoint, reference_logits,
+                                                                  monkeypatch, guess):
+    """Each layer's first two staging groups are copied while its attention runs. A right guess
+    is adopted (no second copy); a wrong one is replaced by copies queued after it on the same
+    stream. Either way the logits are the reference's."""
+    from engine.experts import offload, streaming
+
+    monkeypatch.setattr(streaming, "GROUP", 2)
+    monkeypatch.setattr(offload, "LOOKAHEAD_MIN_TOKENS", 64)
+    if guess == "wrong":
+        monkeypatch.setattr(offload, "experts_ahead", lambda n, cached: list(range(n))[::-1][:4])
+    model = LoadedModel(tiny_checkpoint, LoadOptions(device="cuda", dtype="float32",
+                                                     expert_cache_slots=0))
+    assert_close(f"copied ahead, {guess} guess", _logits(model, prefill=70), reference_logits, 1e-3)
+    counters = model.experts.counters()
+    assert counters["prefill_ahead_issued"] == model.config.num_hidden_layers  # one 70-token chunk
+    assert counters["prefill_ahead_used"] == (counters["prefill_ahead_issued"] if guess == "right" else 0)
+    model.close()
+
+
 def test_cuda_image_prompt_borrows_the_gpu_only_while_encoding(tiny_checkpoint, tmp_path):
     """The vision encoder's weights live in pinned host memory; an image is read on the GPU
     with copies that are freed after (the placement plan gives that room to expert slots)."""
