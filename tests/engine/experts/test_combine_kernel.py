@@ -7,30 +7,20 @@ the bits, so interpreted and eager results must be equal bit for bit (no toleran
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 
 import pytest
 import torch
 
 from engine.experts import combine_kernel
+from tests.helpers.triton_interpreter import interpreted_copy
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 
 @pytest.fixture(scope="module")
 def kernels():
-    triton = pytest.importorskip("triton", reason="Triton is not installed (pip install -e "
-                                 "'.[test]' on Linux x86_64 brings it)")
-    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 6):
-        pytest.skip(f"Triton {triton.__version__}'s interpreter is untested here (3.6 and newer)")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        spec = importlib.util.spec_from_file_location("combine_kernel_interpreted",
-                                                      combine_kernel.__file__)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
+    return interpreted_copy(combine_kernel)
 
 
 def step(num_experts: int, hidden: int, seed: int = 0, device: str = "cpu"):

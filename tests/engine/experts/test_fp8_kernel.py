@@ -18,7 +18,6 @@ error (>= 7.5% after rounding) or a wrong slot must show, and the tests below ch
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 
 import pytest
@@ -27,6 +26,7 @@ import torch
 from engine.experts import fp8_kernel
 from engine.experts.compute import dequant_expert, expert_forward
 from engine.experts.store import requantize_int8
+from tests.helpers.triton_interpreter import interpreted_copy
 
 TOL = 0.04
 SHAPES = [(64, 32), (72, 36)]  # (H, I); 72 and 36 are ragged for every block size used
@@ -40,18 +40,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim
 @pytest.fixture(scope="module")
 def kernels():
     """A private copy of fp8_kernel whose kernels run under Triton's interpreter."""
-    triton = pytest.importorskip("triton", reason="Triton is not installed (pip install -e "
-                                 "'.[test]' on Linux x86_64 brings it)")
-    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 6):
-        pytest.skip(f"Triton {triton.__version__}'s interpreter is untested here (3.6 and newer)")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        spec = importlib.util.spec_from_file_location("fp8_kernel_interpreted",
-                                                      fp8_kernel.__file__)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        assert module.INTERPRETED and module.KERNEL_AVAILABLE
-        yield module
+    module = interpreted_copy(fp8_kernel)
+    assert module.INTERPRETED and module.KERNEL_AVAILABLE
+    return module
 
 
 @pytest.fixture(params=list(BLOCKS))

@@ -1,0 +1,24 @@
+"""Private copies of kernel modules whose Triton kernels run under the interpreter on CPU
+tensors. Triton reads TRITON_INTERPRET when a kernel is decorated (at import), so the copy is
+imported with it set; the production module stays as production imports it."""
+
+from __future__ import annotations
+
+import importlib.util
+from types import ModuleType
+
+import pytest
+
+
+def interpreted_copy(module: ModuleType) -> ModuleType:
+    """`module` imported again with TRITON_INTERPRET=1 (skips the test without Triton 3.6+)."""
+    triton = pytest.importorskip("triton", reason="Triton is not installed (pip install -e "
+                                 "'.[test]' on Linux x86_64 brings it)")
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 6):
+        pytest.skip(f"Triton {triton.__version__}'s interpreter is untested here (3.6 and newer)")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        spec = importlib.util.spec_from_file_location(f"{module.__name__}_interpreted", module.__file__)
+        copy = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(copy)
+    return copy
