@@ -36,9 +36,6 @@ from engine.model.moe import Deferred, run_experts
 # through staging once per chunk instead of going through the decode cache.
 log = logging.getLogger(__name__)
 STREAM_MIN_TOKENS = 64
-# Up to this many tokens a streamed chunk may hand experts to the CPU: the whole chunk's input
-# goes to the host for it (32 MB at 4K), and GPU outputs after the first CPU expert wait for it.
-STREAM_CPU_MAX_TOKENS = 4096
 POLICIES = {"lru": LRUPolicy, "lrfu": LRFUPolicy, "shift": ShiftLRFUPolicy}
 
 
@@ -357,7 +354,10 @@ class OffloadedExperts:
         """CPU jobs for the streamed experts (expert, its tokens) the CPU finishes sooner than
         their copies would (engine.experts.ceiling.split_streamed): none for long chunks."""
         p = self.profiles.get(self.layers[layer].device)
-        if not self.cpu_misses or p is None or not missing or x.shape[0] > STREAM_CPU_MAX_TOKENS:
+        # Below the copy-ahead length only (a chunk's first groups are then fixed before routing):
+        # the whole input goes to the host (32 MB at 4K), and GPU outputs after the first CPU
+        # expert wait for it.
+        if not self.cpu_misses or p is None or not missing or x.shape[0] >= LOOKAHEAD_MIN_TOKENS:
             return {}
         chosen = split_streamed([t for _, t in missing], self.layers[layer].host.expert_bytes(),
                                 p.pcie_bytes_per_s, p.cpu_expert_bytes_per_s, p.cpu_expert_tokens_per_s)
