@@ -192,7 +192,11 @@ class OffloadedExperts:
         the layer's experts, so the first two staging groups are copied now, while its attention
         runs, instead of after its routing (engine.experts.streaming.issue_ahead)."""
         slots = self.layers[layer]
-        buffers = self._staging(slots) if num_tokens >= LOOKAHEAD_MIN_TOKENS else None
+        # From page-locked memory only: a copy from pageable memory (mapped files) blocks the
+        # host until the side stream, told to wait for all queued compute, has run it.
+        if num_tokens < LOOKAHEAD_MIN_TOKENS or self.store.mode != "pinned":
+            return
+        buffers = self._staging(slots)
         if buffers is None:
             return
         ahead = experts_ahead(self.num_experts, lambda e: self.policy.peek((layer, e)) is not None)
@@ -380,6 +384,11 @@ class OffloadedExperts:
         a block for reuse in stream order."""
         if self.prefetcher is not None:
             self.prefetcher.drain()
+        for device, buffers in self._buffers.items():
+            # Copies made ahead for a chunk that then failed are still queued on the side
+            # stream: the compute stream, in whose order the blocks are freed, waits for them.
+            if device.type == "cuda":
+                torch.cuda.current_stream(device).wait_stream(buffers.stream)
         self._buffers.clear()
 
     def seed(self, counts: dict[tuple[int, int], float]) -> None:

@@ -28,7 +28,9 @@ def profile_key(device: torch.device, host_format: str, hidden: int, width: int)
     gpu = "cpu"
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        gpu = f"{props.name} on bus {getattr(props, 'pci_bus_id', device.index)}"
+        slot = ":".join(str(getattr(props, f"pci_{part}_id")) for part in ("domain", "bus", "device")
+                        if hasattr(props, f"pci_{part}_id"))
+        gpu = f"{props.name} at {slot or device.index}"
     from engine.bench.machine import cpu_name
 
     return f"{gpu}|{cpu_name()}|{torch.get_num_threads()} threads|{host_format}|{hidden}x{width}"

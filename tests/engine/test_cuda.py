@@ -187,6 +187,14 @@ def test_cuda_long_chunks_copy_the_next_layers_first_groups_ahead(tiny_checkpoin
 
     monkeypatch.setattr(streaming, "GROUP", 2)
     monkeypatch.setattr(offload, "LOOKAHEAD_MIN_TOKENS", 64)
+    copy_group = streaming._copy_group
+
+    def slow_copy_group(buffers, host, experts, g):  # a missing wait would read stale buffers
+        with torch.cuda.stream(buffers.stream):
+            torch.cuda._sleep(2_000_000)
+        copy_group(buffers, host, experts, g)
+
+    monkeypatch.setattr(streaming, "_copy_group", slow_copy_group)
     if guess == "wrong":
         monkeypatch.setattr(offload, "experts_ahead", lambda n, cached: list(range(n))[::-1][:4])
     model = LoadedModel(tiny_checkpoint, LoadOptions(device="cuda", dtype="float32",
