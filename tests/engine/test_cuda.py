@@ -233,3 +233,30 @@ def test_cuda_image_prompt_borrows_the_gpu_only_while_encoding(tiny_checkpoint, 
     assert_close("cuda image prompt", ours, expected, 1e-3)
     model.close()
     on_cpu.close()
+
+
+def test_cuda_largest_image_fits_the_workspace_the_plan_lends_the_encoder():
+    """The plan gives the vision encoder weights + VISION_ACTIVATION_BYTES of the first GPU's
+    workspace (an estimate until this runs). Measured at the real widths on the largest image
+    (1540 px: 12,100 patches, one block mask): activations are freed layer by layer, so two
+    layers peak as 24 do."""
+    from transformers import PixtralVisionConfig
+    from transformers.models.pixtral.modeling_pixtral import PixtralVisionModel
+
+    from engine.placement import VISION_ACTIVATION_BYTES
+
+    config = PixtralVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=2,
+                                 num_attention_heads=16, head_dim=64, image_size=1540,
+                                 patch_size=14, hidden_act="silu")
+    config._attn_implementation = "sdpa"
+    tower = PixtralVisionModel(config).to("cuda", torch.bfloat16).eval()
+    pixels = torch.randn(1, 3, 1540, 1540, device="cuda").to(torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        out = tower(pixels, image_sizes=torch.tensor([[1540, 1540]]), return_dict=True)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    assert out.last_hidden_state.shape[-2:] == (110 * 110, 1024)
+    assert peak <= VISION_ACTIVATION_BYTES, f"peak {peak / 2**30:.2f} GiB"
