@@ -192,6 +192,10 @@ def decode_rows(model, args: argparse.Namespace, head_s: float) -> list[dict]:
                     seen, slots, warmup_tokens=max(0, len(seen) - args.tokens)),
                 "bytes_copied_per_token": counters["bytes_copied"] / args.tokens,
                 "bytes_cpu_per_token": counters["bytes_cpu"] / args.tokens}
+        # Where the host waited, per token (layers measured, not scaled): on the GPU at each
+        # layer's routing, and on the CPU path's experts after the GPU's were done.
+        row |= {f"{k}_per_token": counters[k] / args.tokens for k in ("wait_routing_s", "wait_cpu_s")
+                if k in counters}
         row |= {k: counters[k] for k in ("prefetch_issued", "prefetch_used", "prefetch_wasted")
                 if k in counters}
         rows.append(row)

@@ -9,6 +9,7 @@ Glossary: T tokens, H hidden, I expert width, K experts per token, S slots.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -144,6 +145,9 @@ class OffloadedExperts:
         self.bytes_cpu = 0
         self.num_cpu_experts = 0
         self.num_ahead_issued = self.num_ahead_used = 0  # prefill groups copied ahead, adopted
+        # Host seconds blocked: on each layer's routing (the GPU finishing the work before it,
+        # copies included) and on CPU-computed experts (the CPU path finishing after the GPU's).
+        self.wait_routing_s = self.wait_cpu_s = 0.0
         # Prefetch (engine.experts.prefetch): the decoder tells us layer i+1's predicted experts
         # before layer i runs (`expect`), and layer i queues their copies behind its own.
         if prefetch and self.store.mode == "mmap" and any(d.type == "cuda" for d in layer_devices):
@@ -204,7 +208,9 @@ class OffloadedExperts:
         self.num_ahead_issued += 1
 
     def _routing_on_host(self, layer: int, top_idx: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
         top_idx = top_idx.cpu()  # the one wait on the GPU this layer: routing is host work
+        self.wait_routing_s += time.perf_counter() - t0
         if self._expected is not None and self._expected[0] == layer + 1:
             # Computed before this layer's routing: ready now, so this copy does not wait;
             # read later, it would wait for the demand copies queued meanwhile.
@@ -269,7 +275,7 @@ class OffloadedExperts:
             for expert, y in zip(grouped[0], grouped[1], strict=True):
                 plan[expert] = _computed(y)
         for expert, job in cpu_jobs.items():
-            plan[expert] = Deferred(job.result)
+            plan[expert] = Deferred(self._waited(job))
         if self.prefetcher is not None:
             self._prefetch_next(layer, slots.device)
         return plan, grouped
@@ -303,6 +309,17 @@ class OffloadedExperts:
         if not self.cpu_misses or p is None:
             return num_misses
         return split_misses(num_misses, expert_bytes, p.pcie_bytes_per_s, p.cpu_expert_bytes_per_s)[0]
+
+    def _waited(self, job: Future):
+        """job.result, counting the time the caller blocks on it (the CPU path running late)."""
+        def result() -> torch.Tensor:
+            t0 = time.perf_counter()
+            try:
+                return job.result()
+            finally:
+                self.wait_cpu_s += time.perf_counter() - t0
+
+        return result
 
     def _submit_cpu(self, layer: int, expert: int, x_host: torch.Tensor, top_idx: torch.Tensor) -> Future:
         """Compute one expert for the tokens that chose it, on the CPU, from the host store."""
@@ -345,7 +362,7 @@ class OffloadedExperts:
 
         def source(expert: int):
             job = cpu_jobs.get(expert)
-            return streamer(expert) if job is None else Deferred(job.result)
+            return streamer(expert) if job is None else Deferred(self._waited(job))
 
         out = run_experts(x, top_idx, top_weights, source)
         self.bytes_copied += streamer.num_bytes_copied
@@ -405,6 +422,7 @@ class OffloadedExperts:
         self.policy.num_hits = self.policy.num_misses = 0
         self.bytes_copied = self.bytes_cpu = self.num_cpu_experts = 0
         self.num_ahead_issued = self.num_ahead_used = 0
+        self.wait_routing_s = self.wait_cpu_s = 0.0
         if self.prefetcher is not None:
             self.prefetcher.reset_counters()
 
@@ -414,7 +432,8 @@ class OffloadedExperts:
         out = {"hits": p.num_hits, "misses": p.num_misses, "hit_rate": p.hit_rate,
                "bytes_copied": self.bytes_copied, "bytes_cpu": self.bytes_cpu,
                "cpu_experts": self.num_cpu_experts, "prefill_ahead_issued": self.num_ahead_issued,
-               "prefill_ahead_used": self.num_ahead_used}
+               "prefill_ahead_used": self.num_ahead_used, "wait_routing_s": self.wait_routing_s,
+               "wait_cpu_s": self.wait_cpu_s}
         if self.prefetcher is not None:
             out |= self.prefetcher.counters()
             out["bytes_copied"] += out["bytes_prefetched"]

@@ -31,6 +31,7 @@ def test_bench_json_on_cpu(tiny_checkpoint, tmp_path):
     assert 0.0 <= decode["hit_rate"] <= 1.0
     assert 0.0 <= decode["hit_rate"] <= decode["belady_bypass_hit_rate"] + 0.35
     assert decode["bytes_copied_per_token"] + decode["bytes_cpu_per_token"] > 0
+    assert decode["wait_routing_s_per_token"] >= 0 and decode["wait_cpu_s_per_token"] >= 0
     assert result["model"]["scaled_to_layers"] == 36 and result["model"]["layers_measured"] == 2
     assert result["baseline"]["tg_ts"] > 0 and result["speedup_vs_baseline"] > 0
     assert set(result["machine"]["cpu_expert_bytes_per_s"]) == {"fp8", "int8"}

@@ -157,6 +157,9 @@ def test_misses_are_split_between_copies_and_cpu_by_bandwidth(tiny_checkpoint, r
     assert_close("split", _run(model, prefill=70), reference_logits, FP32_ATOL)
     counters = model.experts.counters()
     assert counters["cpu_experts"] > 0 and counters["bytes_copied"] > 0
+    assert counters["wait_cpu_s"] > 0 and counters["wait_routing_s"] > 0  # both waits timed
+    model.experts.reset_counters()
+    assert model.experts.counters()["wait_cpu_s"] == model.experts.counters()["wait_routing_s"] == 0
     model.close()
 
 
