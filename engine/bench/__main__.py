@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefetch-error", type=float, default=0.15,
                    help="forced routing: chance each predicted next-layer expert is wrong")
     p.add_argument("--no-cpu-misses", action="store_true", help="serve misses by PCIe copies only")
+    p.add_argument("--cpu-threads", type=int, default=0,
+                   help="CPU threads for expert compute (default: torch's choice, one per core); "
+                        "one fewer leaves the launching thread a core of its own")
     p.add_argument("--baseline", choices=("hf", "none"), default="none")
     p.add_argument("--baseline-tokens", type=int, default=3)
     p.add_argument("--out", type=Path, help="also write the JSON here")
@@ -128,6 +131,8 @@ def routing_trace(args: argparse.Namespace, cfg, num_tokens: int):
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.cpu_threads > 0:
+        torch.set_num_threads(args.cpu_threads)  # before the load measures the CPU's rates
     model, folder, plan_summary = load_model(args)
     cfg = model.config
     experts = model.experts

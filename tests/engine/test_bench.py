@@ -56,12 +56,14 @@ def test_bench_with_prefetch_and_another_policy(tiny_checkpoint, tmp_path):
         [sys.executable, "-m", "engine.bench", "--model", str(tiny_checkpoint), "--device", "cpu",
          "--depth", "0", "--prefill", "", "--tokens", "6", "--warmup", "2", "--routing", "synthetic",
          "--expert-cache-slots", "3", "--prefetch", "--prefetch-error", "0", "--policy", "lrfu",
-         "--profile", "--work-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+         "--profile", "--cpu-threads", "1", "--work-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     decode = result["results"][0]
     assert decode["prefetch_issued"] > 0 and decode["prefetch_wasted"] == 0  # exact predictions
     assert result["config"]["policy"] == "lrfu" and result["cuda_graphs"] is False
+    assert result["machine"]["cpu_threads"] == 1
     report = (tmp_path / "decode.profile.txt").read_text()  # --profile without --out
     assert result["profile_file"] == str(tmp_path / "decode.profile.txt")
     assert "by host time" in report and "aten::" in report
