@@ -25,6 +25,7 @@ from engine.bench.measure import (
     prefill_run,
 )
 from engine.errors import QuireError
+from engine.model import fused_attention
 
 REAL_LAYERS = 36
 
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefetch-error", type=float, default=0.15,
                    help="forced routing: chance each predicted next-layer expert is wrong")
     p.add_argument("--no-cpu-misses", action="store_true", help="serve misses by PCIe copies only")
+    p.add_argument("--attention-kernel", choices=("auto", "flash", "efficient"), default="auto",
+                   help="CUDA prefill attention kernel (auto: FlashAttention with padded values "
+                        "if it passes its self-test, else the memory-efficient one)")
     p.add_argument("--cpu-threads", type=int, default=0,
                    help="CPU threads for expert compute (default: torch's choice, one per core); "
                         "one fewer leaves the launching thread a core of its own")
@@ -133,6 +137,8 @@ def routing_trace(args: argparse.Namespace, cfg, num_tokens: int):
 def run(args: argparse.Namespace) -> dict:
     if args.cpu_threads > 0:
         torch.set_num_threads(args.cpu_threads)  # before the load measures the CPU's rates
+    if args.attention_kernel != "auto":
+        fused_attention.CUDA_KERNELS = (args.attention_kernel,)
     model, folder, plan_summary = load_model(args)
     cfg = model.config
     experts = model.experts
@@ -161,6 +167,8 @@ def run(args: argparse.Namespace) -> dict:
         out["results"].append(followup_run(model, depth, args.question_tokens, args.chunk,
                                            args.work_dir / "snapshots", head_s, REAL_LAYERS))
     out["host_format"] = model.experts.store.fmt  # "auto" resolved, after any RAM fallback
+    out["attention_kernels"] = {f"{dev} {dtype}".replace("torch.", ""): kernel
+                                for (dev, dtype), kernel in fused_attention._checked.items()}
     steps = model.decoder.decode_steps
     out["cuda_graphs"] = steps is not None and not steps.failed
     out["ceiling"] = ceiling(out["machine"], decode[0] if decode else None, cfg, args,

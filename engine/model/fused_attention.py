@@ -3,10 +3,12 @@
 Long prefill re-expands the latent cache one key block at a time (engine.model.attention).
 Merging blocks exactly needs each block's per-row log-sum-exp, which the public
 scaled_dot_product_attention does not return; the fused kernels behind it do:
-`_scaled_dot_product_efficient_attention` on CUDA (any head sizes, fp32 and bf16) and
-`_scaled_dot_product_flash_attention_for_cpu` on the CPU (equal head sizes: narrower ones are
-zero-padded, which changes no score and no output column). With them a block costs one
-kernel and no [t, k] scores in memory, against eight passes over materialised fp32 scores.
+`_scaled_dot_product_flash_attention` (FlashAttention-2: bf16/fp16, equal head sizes) or
+`_scaled_dot_product_efficient_attention` (any head sizes, fp32 too) on CUDA, and
+`_scaled_dot_product_flash_attention_for_cpu` on the CPU. Where a kernel needs equal head sizes
+the narrower ones are zero-padded (MLA: values 128 -> 192), which changes no score and no output
+column. With them a block costs one kernel and no [t, k] scores in memory, against eight passes
+over materialised fp32 scores.
 
 These are private operators: before first use on a device and dtype the path is checked
 against plain softmax attention, and any error or mismatch disables it (the materialised
@@ -24,7 +26,11 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 ENABLED = True  # tests switch it off to exercise the materialised path
-_checked: dict[tuple[str, torch.dtype], bool] = {}
+# CUDA kernels in order of preference; the first to pass the self-test serves. Flash is usually
+# the faster even with the values padded (unmeasured here): `python -m engine.bench
+# --attention-kernel` pins one, to compare.
+CUDA_KERNELS: tuple[str, ...] = ("flash", "efficient")
+_checked: dict[tuple[str, torch.dtype], str | None] = {}  # the kernel that passed, or None
 SELF_TEST_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.05, torch.float16: 0.02}
 
 
@@ -35,15 +41,24 @@ def block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     causal: query i sees keys 0..i (a square diagonal block); else every key.
     """
     num_queries, width = query.shape[1], value.shape[-1]
-    if query.device.type == "cuda":
+    kernel = _checked.get((str(query.device), query.dtype)) or _default_kernel(query.device)
+    if kernel == "efficient":
         out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
             query[None], key[None], value[None], None, True, 0.0, causal, scale=scale)
         return out[0], lse[0, :, :num_queries].float()  # lse rows are padded to a tile
-    padded = max(query.shape[-1], width)
+    padded = -(-max(query.shape[-1], width) // 8) * 8  # equal widths, a multiple of 8
     query, key, value = (F.pad(t, (0, padded - t.shape[-1])) for t in (query, key, value))
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        query[None], key[None], value[None], 0.0, causal, scale=scale)
+    if kernel == "flash":
+        out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(
+            query[None], key[None], value[None], 0.0, causal, False, scale=scale)
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query[None], key[None], value[None], 0.0, causal, scale=scale)
     return out[0, ..., :width], lse[0].float()
+
+
+def _default_kernel(device: torch.device) -> str:
+    return "efficient" if device.type == "cuda" else "cpu"
 
 
 class LseMerge:
@@ -67,23 +82,28 @@ class LseMerge:
 
 
 def usable(device: torch.device, dtype: torch.dtype) -> bool:
-    """True once the fused path has matched plain attention on this device and dtype."""
+    """True once a fused kernel has matched plain attention on this device and dtype."""
     if not ENABLED:
         return False
     key = (str(device), dtype)
     if key not in _checked:
-        _checked[key] = _self_test(device, dtype)
-    return _checked[key]
+        kernels = CUDA_KERNELS if device.type == "cuda" else ("cpu",)
+        if dtype == torch.float32:  # FlashAttention takes half precision only
+            kernels = tuple(k for k in kernels if k != "flash")
+        _checked[key] = next((k for k in kernels if _self_test(device, dtype, k)), None)
+    return _checked[key] is not None
 
 
 def disable(device: torch.device, dtype: torch.dtype, reason: Exception) -> None:
     """The fused path failed on a real call: the materialised path serves from now on."""
     log.warning("fused block attention failed on %s %s (%s): disabled", device, dtype, reason)
-    _checked[(str(device), dtype)] = False
+    _checked[(str(device), dtype)] = None
 
 
-def _self_test(device: torch.device, dtype: torch.dtype) -> bool:
+def _self_test(device: torch.device, dtype: torch.dtype, kernel: str) -> bool:
     """Two past blocks and a causal diagonal block, with unequal widths, against softmax."""
+    key_ = (str(device), dtype)
+    _checked[key_] = kernel  # block_attention reads the kernel to use from here
     try:
         gen = torch.Generator().manual_seed(0)
         query, key = torch.randn(2, 5, 24, generator=gen), torch.randn(2, 17, 24, generator=gen)
@@ -98,10 +118,12 @@ def _self_test(device: torch.device, dtype: torch.dtype) -> bool:
                                              attn_mask=mask, scale=scale)
         error = float((merge.result(torch.float32) - ref).abs().max())
         if error > SELF_TEST_TOLERANCE.get(dtype, 0.05):
-            log.warning("fused block attention disagrees on %s %s (max error %.3g): disabled",
-                        device, dtype, error)
+            log.warning("fused block attention (%s) disagrees on %s %s (max error %.3g): not used",
+                        kernel, device, dtype, error)
             return False
         return True
     except Exception as exc:  # a private operator changed or is missing: use the slower path
-        log.warning("fused block attention unavailable on %s %s (%s)", device, dtype, exc)
+        log.warning("fused block attention (%s) unavailable on %s %s (%s)", kernel, device, dtype, exc)
         return False
+    finally:
+        del _checked[key_]  # usable() records the outcome

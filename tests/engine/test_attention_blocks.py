@@ -281,3 +281,52 @@ def test_a_fused_kernel_error_on_a_real_call_falls_back_for_good(monkeypatch):
     assert_close("fallback after an error", attention._expanded(CFG, *args, 37),
                  _reference_expanded(CFG, *args, 37), 1e-5)
     assert not fused_attention.usable(torch.device("cpu"), torch.float32)
+
+
+def test_cuda_kernels_are_tried_in_order_and_the_first_that_passes_serves(monkeypatch):
+    """On a GPU, FlashAttention is tried first (half precision only), then the memory-efficient
+    kernel; the self-test of each decides (run here with the kernels' outcomes given)."""
+    tried = []
+
+    def self_test(device, dtype, kernel):
+        tried.append((dtype, kernel))
+        return kernel in passing
+
+    monkeypatch.setattr(fused_attention, "_self_test", self_test)
+    monkeypatch.setattr(fused_attention, "_checked", {})
+    gpu = torch.device("cuda", 0)
+    passing = {"efficient"}
+    assert fused_attention.usable(gpu, torch.bfloat16)
+    assert fused_attention._checked[("cuda:0", torch.bfloat16)] == "efficient"
+    assert fused_attention.usable(gpu, torch.float32)  # flash is not tried in fp32
+    assert tried == [(torch.bfloat16, "flash"), (torch.bfloat16, "efficient"), (torch.float32, "efficient")]
+    passing = {"flash", "efficient"}
+    monkeypatch.setattr(fused_attention, "_checked", {})
+    assert fused_attention.usable(gpu, torch.bfloat16)
+    assert fused_attention._checked[("cuda:0", torch.bfloat16)] == "flash"
+    passing = set()
+    monkeypatch.setattr(fused_attention, "_checked", {})
+    monkeypatch.setattr(fused_attention, "CUDA_KERNELS", ("efficient",))  # as the bench pins it
+    assert not fused_attention.usable(gpu, torch.bfloat16)
+    assert tried[-1] == (torch.bfloat16, "efficient")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["flash", "efficient"])
+def test_cuda_kernels_match_unblocked(monkeypatch, kernel):
+    """Each CUDA kernel, pinned as `engine.bench --attention-kernel` pins it, through ragged
+    key blocks after a cached prefix: FlashAttention with values zero-padded to the key width."""
+    import dataclasses
+
+    monkeypatch.setattr(fused_attention, "CUDA_KERNELS", (kernel,))
+    monkeypatch.setattr(fused_attention, "_checked", {})
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 16)
+    _force_key_block(monkeypatch, CFG, 16, 7, torch.bfloat16)
+    w, *tensors = _inputs(CFG, 50, 100, torch.bfloat16)
+    w = dataclasses.replace(w, kv_b_proj=w.kv_b_proj.cuda())
+    tensors = [t.cuda() for t in tensors]
+    assert fused_attention.usable(torch.device("cuda", 0), torch.bfloat16)
+    assert fused_attention._checked[("cuda:0", torch.bfloat16)] == kernel
+    ours = attention._expanded(CFG, w, *tensors, 100).cpu()
+    expected = _reference_expanded(CFG, w, *tensors, 100).cpu()
+    assert_close(f"cuda {kernel} key blocks", ours, expected, 0.05, mean_atol=4e-3)

@@ -37,6 +37,7 @@ def test_bench_json_on_cpu(tiny_checkpoint, tmp_path):
     assert set(result["machine"]["cpu_expert_bytes_per_s"]) == {"fp8", "int8"}
     assert all(rate > 0 for rate in result["machine"]["cpu_expert_tokens_per_s"].values())
     assert result["host_format"] == "int8"  # "auto" with offloaded experts
+    assert set(result["attention_kernels"].values()) <= {"cpu", None}  # no CUDA kernel on a CPU
 
 
 def test_synthetic_real_shape_config_is_the_real_one():
