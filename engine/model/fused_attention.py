@@ -47,7 +47,8 @@ def block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             query[None], key[None], value[None], None, True, 0.0, causal, scale=scale)
         return out[0], lse[0, :, :num_queries].float()  # lse rows are padded to a tile
     padded = -(-max(query.shape[-1], width) // 8) * 8  # equal widths, a multiple of 8
-    query, key, value = (F.pad(t, (0, padded - t.shape[-1])) for t in (query, key, value))
+    query, key, value = (t if t.shape[-1] == padded else F.pad(t, (0, padded - t.shape[-1]))
+                         for t in (query, key, value))
     if kernel == "flash":
         out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(
             query[None], key[None], value[None], 0.0, causal, False, scale=scale)
