@@ -1,6 +1,7 @@
-"""The offloaded expert backend: a fixed number of expert slots per layer on the layer's device,
-a replacement policy, and misses served either by a copy into a slot (PCIe on a GPU) or by
-computing the expert on the CPU straight from the host store, split so both finish together.
+"""The offloaded expert backend: a fixed number of expert slots per layer on the layer's device
+(engine.experts.slots), a replacement policy, and misses served either by a copy into a slot
+(PCIe on a GPU) or by computing the expert on the CPU straight from the host store, split so
+both finish together; prefill chunks stream each layer's experts (engine.experts.streaming).
 
 On a CPU-only machine the same code runs with device == host, so CI exercises every path.
 Glossary: T tokens, H hidden, I expert width, K experts per token, S slots.
@@ -16,14 +17,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from engine.checkpoint import Checkpoint
-from engine.experts import fp8_kernel
 from engine.experts.ceiling import split_misses, split_streamed
 from engine.experts.combine_kernel import combine, combine_usable
-from engine.experts.compute import cpu_expert_forward, dequant_expert, expert_forward
+from engine.experts.compute import cpu_expert_forward, dequant_expert
 from engine.experts.policy import CachePolicy, LRFUPolicy, LRUPolicy, ShiftLRFUPolicy
 from engine.experts.prefetch import SlotPrefetcher
 from engine.experts.profile import MachineProfile
-from engine.experts.store import HostExpertStore, LayerExperts
+from engine.experts.slots import LayerSlots
+from engine.experts.store import HostExpertStore
 from engine.experts.streaming import (
     LOOKAHEAD_MIN_TOKENS,
     ExpertStreamer,
@@ -33,82 +34,11 @@ from engine.experts.streaming import (
 )
 from engine.model.moe import Deferred, run_experts
 
+log = logging.getLogger(__name__)
 # At or above this many tokens in a forward (prefill chunks) a layer's experts are streamed
 # through staging once per chunk instead of going through the decode cache.
-log = logging.getLogger(__name__)
 STREAM_MIN_TOKENS = 64
 POLICIES = {"lru": LRUPolicy, "lrfu": LRFUPolicy, "shift": ShiftLRFUPolicy}
-
-
-class LayerSlots:
-    """One layer's expert slots on its device, FP8 as shipped (dequantised at use)."""
-
-    def __init__(self, host: LayerExperts, device: torch.device, num_slots: int, first_slot: int) -> None:
-        self.host, self.device, self.first_slot = host, device, first_slot
-        shape_gu, shape_d = tuple(host.gate_up.shape[1:]), tuple(host.down.shape[1:])
-        self.gate_up = torch.empty((num_slots, *shape_gu), dtype=host.gate_up.dtype, device=device)
-        self.down = torch.empty((num_slots, *shape_d), dtype=host.down.dtype, device=device)
-        # Scales live beside the slots: reading one from host memory per use would be a
-        # blocking copy for every expert of every layer.
-        # fp32 and contiguous, as the kernels read them (no conversion per step).
-        self.gate_up_scale = host.gate_up_scale.to(device, torch.float32).contiguous()
-        self.down_scale = host.down_scale.to(device, torch.float32).contiguous()
-        self.use_kernel = host.gate_up.dtype in (torch.float8_e4m3fn, torch.int8) and \
-            fp8_kernel.kernel_usable(device, shape_gu[1], shape_d[1])
-        # Decode: all of a step's cached experts in two launches (engine.experts.fp8_kernel).
-        self.use_grouped = self.use_kernel and fp8_kernel.grouped_kernel_usable(device, shape_gu[1],
-                                                                               shape_d[1])
-        # Slot and expert ids of a step go to the GPU from page-locked memory without a
-        # blocking copy; one buffer per layer is reused only after the next token's routing
-        # wait, by which time its previous copy has long finished.
-        pinned = device.type == "cuda"
-        # Flat, so a step's ids are one contiguous run (a strided one would be staged through
-        # a pageable temporary, a blocking copy).
-        self._ids = torch.empty(3 * host.gate_up.shape[0], dtype=torch.int32, pin_memory=pinned)
-        self._ids_view = self._ids.numpy()  # filled from Python lists without a temporary tensor
-
-    def fill(self, slot: int, expert: int) -> int:
-        """Copy expert's weights from the host store into a slot; returns the bytes moved."""
-        local = slot - self.first_slot
-        self.gate_up[local].copy_(self.host.gate_up[expert], non_blocking=True)
-        self.down[local].copy_(self.host.down[expert], non_blocking=True)
-        return self.host.expert_bytes()
-
-    def weights(self, slot: int, expert: int, dtype: torch.dtype):
-        """Dequantised (gate_up, down) of a cached expert, or, on GPUs with the FP8 kernel, a
-        callable computing the expert straight from the FP8 slot (read when it runs)."""
-        local = slot - self.first_slot
-        if self.use_kernel and dtype == torch.bfloat16:
-            gu, dn = self.gate_up[local], self.down[local]
-            gu_s, dn_s = self.gate_up_scale[expert], self.down_scale[expert]
-
-            def compute(xs: torch.Tensor) -> torch.Tensor:
-                if xs.shape[0] <= fp8_kernel.MAX_TOKENS:
-                    return fp8_kernel.fp8_expert_forward(xs, gu, gu_s, dn, dn_s)
-                return expert_forward(xs, *dequant_expert(gu, gu_s, dn, dn_s, dtype))
-
-            return compute
-        return self.materialize(slot, expert, dtype)
-
-    def grouped(self, x: torch.Tensor, in_slot: dict[int, int], router_row: list[int]
-                ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
-        """Every cached expert of one decode token in one grouped kernel call: (the experts in
-        id order, their unweighted outputs [n, 1, H], and each one's column in the router's
-        output, int32 on the device, for engine.experts.combine_kernel)."""
-        experts = sorted(in_slot)
-        n = len(experts)
-        self._ids_view[: 3 * n] = ([in_slot[e] - self.first_slot for e in experts] + experts
-                                   + [router_row.index(e) for e in experts])
-        ids = self._ids[: 3 * n].to(self.device, non_blocking=True).view(3, n)
-        out = fp8_kernel.grouped_expert_forward(x, self.gate_up, self.down, ids[0], self.gate_up_scale,
-                                                self.down_scale, expert_ids=ids[1])
-        return experts, out, ids[2]
-
-    def materialize(self, slot: int, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The expert's weights copied out of its slot (before the slot is refilled)."""
-        local = slot - self.first_slot
-        return dequant_expert(self.gate_up[local], self.gate_up_scale[expert],
-                              self.down[local], self.down_scale[expert], dtype)
 
 
 class OffloadedExperts:
