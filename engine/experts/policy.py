@@ -86,14 +86,33 @@ class CachePolicy:
             self._on_hit(key)
         return slot
 
-    def admit(self, key: Key) -> tuple[int, Key | None] | None:
-        """Give key a slot: (slot, evicted key or None), or None to bypass (do not cache)."""
+    def admit(self, key: Key, force: bool = False, keep: frozenset[Key] | set[Key] = frozenset()
+              ) -> tuple[int, Key | None] | None:
+        """Give key a slot: (slot, evicted key or None), or None to bypass (do not cache).
+
+        force: the key is being copied to the GPU anyway (its share of the step's misses goes
+        over PCIe), so it takes the slot of the lowest-ranked resident outside `keep` (the
+        step's own experts) even where the policy would bypass it. None then only when the
+        layer has no such resident.
+        """
         if key in self._slot:
             return self._slot[key], None
-        placed = self._place(key, lambda part: self._victim(key, part))
+
+        def victim(part: int) -> Key | None:  # never one of the step's own experts
+            found = self._victim(key, part)
+            return None if found in keep else found
+
+        placed = self._place(key, victim)
+        if placed is None and force:
+            placed = self._place(key, lambda part: self._lowest(part, keep))
         if placed is None:
             self.num_bypasses += 1
         return placed
+
+    def preference(self, key: Key) -> float:
+        """How much the policy wants key cached (higher first), e.g. to choose which of a step's
+        misses take the PCIe copies. Equal for every key unless a subclass ranks them."""
+        return 0.0
 
     def admit_prefetch(self, key: Key, keep: frozenset[Key] | set[Key] = frozenset()
                        ) -> tuple[int, Key | None] | None:
@@ -251,6 +270,9 @@ class LRFUPolicy(CachePolicy):
 
     def _on_admit(self, key: Key) -> None:
         self._push(key)
+
+    def preference(self, key: Key) -> float:
+        return self._score.get(key, -math.inf)
 
     def _victim(self, key: Key, part: int) -> Key | None:
         heap = self._heaps[part]

@@ -338,3 +338,16 @@ def test_reading_an_image_first_frees_the_prefill_staging(tiny_checkpoint, tmp_p
     embeds = model.embed_prompt(prompt, 0)
     assert model.experts._buffers == {} and embeds.shape[0] == len(prompt.ids)
     model.close()
+
+
+def test_the_split_holds_when_the_policy_would_bypass(tiny_checkpoint, reference_logits):
+    """With measured rates, each step's PCIe share is copied and cached even where the policy
+    alone would bypass: the CPU takes only its share (equal rates: floor(m / 2) of m misses,
+    ties going to copies), never the bypassed rest on top."""
+    model = LoadedModel(tiny_checkpoint, LoadOptions(dtype="float32", expert_cache_slots=2))
+    _profile(model, MachineProfile(1.0e9, 1.0e9, 1.0e9, "test"))
+    assert_close("balanced split", _run(model, prefill=10), reference_logits, FP32_ATOL)
+    counters = model.experts.counters()
+    assert counters["misses"] > 20
+    assert counters["cpu_experts"] <= counters["misses"] // 2
+    model.close()

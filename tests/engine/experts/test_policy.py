@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -289,3 +290,23 @@ def test_a_predicted_use_is_not_counted_twice(cls) -> None:
     demanded.admit((0, 7))  # ... then cached
     assert predicted._score[(0, 7)] == pytest.approx(demanded._score[(0, 7)])
     assert predicted._before_prediction == {}
+
+
+def test_forced_admission_takes_the_lowest_slot_outside_the_step():
+    """A miss already bound for the GPU is cached even when the bypass test refuses it: the
+    lowest-ranked resident that the step itself does not use makes room."""
+    policy = LRFUPolicy(slots_per_layer=[2], half_life=64.0)
+    for key in [(0, 1)] * 3 + [(0, 2)] * 6:  # both resident, 2 the hotter
+        if policy.lookup(key) is None:
+            policy.admit(key)
+    assert policy.lookup((0, 7)) is None
+    assert policy.admit((0, 7)) is None  # one use cannot beat either resident: bypassed
+    assert policy.preference((0, 2)) > policy.preference((0, 1)) > policy.preference((0, 7))
+    assert policy.preference((0, 5)) == -math.inf  # never seen: ranked last
+    slot, evicted = policy.admit((0, 7), force=True, keep={(0, 7)})
+    assert evicted == (0, 1) and policy.peek((0, 7)) == slot
+    assert policy.lookup((0, 9)) is None
+    assert policy.admit((0, 9), force=True, keep={(0, 2), (0, 7), (0, 9)}) is None  # no room
+    slot, evicted = policy.admit((0, 9), force=True, keep={(0, 9)})
+    assert evicted == (0, 7)  # the newcomer ranks below the hot resident
+    assert policy.num_bypasses == 2
