@@ -35,13 +35,17 @@ SELF_TEST_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.05, torch.float16:
 
 
 def block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool,
-                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    scale: float, kernel: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """query [N, t, E], key [N, k, E], value [N, k, W] -> (out [N, t, W], lse [N, t] fp32).
 
-    causal: query i sees keys 0..i (a square diagonal block); else every key.
+    causal: query i sees keys 0..i, on a square diagonal block only (FlashAttention aligns a
+    causal mask bottom-right, the memory-efficient kernel top-left: they agree when square).
+    kernel: "flash" | "efficient" | "cpu"; default the one that passed for this device and dtype.
     """
     num_queries, width = query.shape[1], value.shape[-1]
-    kernel = _checked.get((str(query.device), query.dtype)) or _default_kernel(query.device)
+    if causal and key.shape[1] != num_queries:
+        raise ValueError(f"a causal block must be square, got {num_queries} queries, {key.shape[1]} keys")
+    kernel = kernel or _checked.get((str(query.device), query.dtype)) or _default_kernel(query.device)
     if kernel == "efficient":
         out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
             query[None], key[None], value[None], None, True, 0.0, causal, scale=scale)
@@ -82,39 +86,53 @@ class LseMerge:
         return self.acc.to(dtype)
 
 
+def _kernels(device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
+    kernels = CUDA_KERNELS if device.type == "cuda" else ("cpu",)
+    # FlashAttention takes half precision only
+    return tuple(k for k in kernels if k != "flash") if dtype == torch.float32 else kernels
+
+
 def usable(device: torch.device, dtype: torch.dtype) -> bool:
     """True once a fused kernel has matched plain attention on this device and dtype."""
     if not ENABLED:
         return False
     key = (str(device), dtype)
     if key not in _checked:
-        kernels = CUDA_KERNELS if device.type == "cuda" else ("cpu",)
-        if dtype == torch.float32:  # FlashAttention takes half precision only
-            kernels = tuple(k for k in kernels if k != "flash")
-        _checked[key] = next((k for k in kernels if _self_test(device, dtype, k)), None)
+        _checked[key] = next((k for k in _kernels(device, dtype) if _self_test(device, dtype, k)), None)
     return _checked[key] is not None
 
 
 def disable(device: torch.device, dtype: torch.dtype, reason: Exception) -> None:
-    """The fused path failed on a real call: the materialised path serves from now on."""
-    log.warning("fused block attention failed on %s %s (%s): disabled", device, dtype, reason)
-    _checked[(str(device), dtype)] = None
+    """The kernel in use failed on a real call: the next one that passes its self-test serves,
+    else the materialised path, from now on."""
+    key = (str(device), dtype)
+    failed = _checked.get(key)
+    later = _kernels(device, dtype)
+    later = later[later.index(failed) + 1:] if failed in later else ()
+    _checked[key] = next((k for k in later if _self_test(device, dtype, k)), None)
+    log.warning("fused block attention (%s) failed on %s %s (%s): %s", failed, device, dtype,
+                reason, f"using {_checked[key]}" if _checked[key] else "disabled")
+
+
+# The self-test's shape: MLA's widths (query/key 192, values 128, so values are padded), and
+# enough queries and keys for several kernel tiles.
+_TEST_HEADS, _TEST_QUERIES, _TEST_KEYS, _TEST_QK, _TEST_V = 2, 130, 400, 192, 128
 
 
 def _self_test(device: torch.device, dtype: torch.dtype, kernel: str) -> bool:
     """Two past blocks and a causal diagonal block, with unequal widths, against softmax."""
-    key_ = (str(device), dtype)
-    _checked[key_] = kernel  # block_attention reads the kernel to use from here
     try:
         gen = torch.Generator().manual_seed(0)
-        query, key = torch.randn(2, 5, 24, generator=gen), torch.randn(2, 17, 24, generator=gen)
-        value = torch.randn(2, 17, 16, generator=gen)
-        query, key, value = (t.to(device, dtype) for t in (query, key, value))
-        scale = 24**-0.5
+        n, t, s = _TEST_HEADS, _TEST_QUERIES, _TEST_KEYS
+        query, key = torch.randn(n, t, _TEST_QK, generator=gen), torch.randn(n, s, _TEST_QK, generator=gen)
+        value = torch.randn(n, s, _TEST_V, generator=gen)
+        query, key, value = (x.to(device, dtype) for x in (query, key, value))
+        scale = _TEST_QK**-0.5
         merge = LseMerge()
-        for lo, hi, causal in ((0, 7, False), (7, 12, False), (12, 17, True)):
-            merge.add(*block_attention(query, key[:, lo:hi], value[:, lo:hi], causal, scale))
-        mask = torch.arange(17, device=device)[None, :] <= torch.arange(5, device=device)[:, None] + 12
+        past = s - t
+        for lo, hi, causal in ((0, past // 2, False), (past // 2, past, False), (past, s, True)):
+            merge.add(*block_attention(query, key[:, lo:hi], value[:, lo:hi], causal, scale, kernel))
+        mask = torch.arange(s, device=device)[None, :] <= torch.arange(t, device=device)[:, None] + past
         ref = F.scaled_dot_product_attention(query.float(), key.float(), value.float(),
                                              attn_mask=mask, scale=scale)
         error = float((merge.result(torch.float32) - ref).abs().max())
@@ -126,5 +144,3 @@ def _self_test(device: torch.device, dtype: torch.dtype, kernel: str) -> bool:
     except Exception as exc:  # a private operator changed or is missing: use the slower path
         log.warning("fused block attention (%s) unavailable on %s %s (%s)", kernel, device, dtype, exc)
         return False
-    finally:
-        del _checked[key_]  # usable() records the outcome

@@ -46,7 +46,8 @@ def _reference_expanded(cfg, w, q_nope, q_pe, latent, k_pe, offset):
     kv = F.linear(latent, w.kv_b_proj).view(s, n, d + v)
     key = torch.cat([kv[..., :d], k_pe[:, None, :].expand(s, n, -1)], dim=-1).transpose(0, 1)
     query = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)
-    mask = torch.arange(s)[None, :] <= (torch.arange(t) + offset)[:, None]
+    mask = torch.arange(s, device=latent.device)[None, :] <= \
+        (torch.arange(t, device=latent.device) + offset)[:, None]
     out = F.scaled_dot_product_attention(query, key, kv[..., d:].transpose(0, 1), attn_mask=mask,
                                          scale=cfg.softmax_scale)
     return out.transpose(0, 1)  # [T, N, V]
@@ -252,8 +253,8 @@ def test_fused_path_is_checked_before_use_and_falls_back(monkeypatch):
     assert fused_attention.usable(torch.device("cpu"), torch.float32)
     real = fused_attention.block_attention
 
-    def broken(query, key, value, causal, scale):
-        out, lse = real(query, key, value, causal, scale)
+    def broken(query, key, value, causal, scale, kernel=None):
+        out, lse = real(query, key, value, causal, scale, kernel)
         return out, lse + 1.0 * (not causal)  # past blocks weighted e times too much
 
     monkeypatch.setattr(fused_attention, "block_attention", broken)
@@ -304,6 +305,12 @@ def test_cuda_kernels_are_tried_in_order_and_the_first_that_passes_serves(monkey
     monkeypatch.setattr(fused_attention, "_checked", {})
     assert fused_attention.usable(gpu, torch.bfloat16)
     assert fused_attention._checked[("cuda:0", torch.bfloat16)] == "flash"
+    # Flash passed the small self-test but fails on a real call: the efficient kernel, if it
+    # passes, serves from then on (not the slow materialised path).
+    fused_attention.disable(gpu, torch.bfloat16, RuntimeError("head dim 192 unsupported"))
+    assert fused_attention._checked[("cuda:0", torch.bfloat16)] == "efficient"
+    fused_attention.disable(gpu, torch.bfloat16, RuntimeError("again"))
+    assert not fused_attention.usable(gpu, torch.bfloat16)  # nothing after efficient
     passing = set()
     monkeypatch.setattr(fused_attention, "_checked", {})
     monkeypatch.setattr(fused_attention, "CUDA_KERNELS", ("efficient",))  # as the bench pins it
@@ -314,19 +321,22 @@ def test_cuda_kernels_are_tried_in_order_and_the_first_that_passes_serves(monkey
 @pytest.mark.cuda
 @pytest.mark.parametrize("kernel", ["flash", "efficient"])
 def test_cuda_kernels_match_unblocked(monkeypatch, kernel):
-    """Each CUDA kernel, pinned as `engine.bench --attention-kernel` pins it, through ragged
-    key blocks after a cached prefix: FlashAttention with values zero-padded to the key width."""
+    """Each CUDA kernel, pinned as `engine.bench --attention-kernel` pins it, at MLA's widths
+    (query/key 192, values 128: FlashAttention pads them) through ragged key blocks after a
+    cached prefix."""
     import dataclasses
 
+    cfg = ModelConfig.from_hf(model_config(TinyShape(heads=4, kv_lora_rank=64, qk_nope_head_dim=128,
+                                                     qk_rope_head_dim=64, v_head_dim=128)))
     monkeypatch.setattr(fused_attention, "CUDA_KERNELS", (kernel,))
     monkeypatch.setattr(fused_attention, "_checked", {})
-    monkeypatch.setattr(attention, "QUERY_BLOCK", 16)
-    _force_key_block(monkeypatch, CFG, 16, 7, torch.bfloat16)
-    w, *tensors = _inputs(CFG, 50, 100, torch.bfloat16)
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 160)
+    _force_key_block(monkeypatch, cfg, 160, 128, torch.bfloat16)
+    w, *tensors = _inputs(cfg, 300, 350, torch.bfloat16)
     w = dataclasses.replace(w, kv_b_proj=w.kv_b_proj.cuda())
     tensors = [t.cuda() for t in tensors]
     assert fused_attention.usable(torch.device("cuda", 0), torch.bfloat16)
     assert fused_attention._checked[("cuda:0", torch.bfloat16)] == kernel
-    ours = attention._expanded(CFG, w, *tensors, 100).cpu()
-    expected = _reference_expanded(CFG, w, *tensors, 100).cpu()
+    ours = attention._expanded(cfg, w, *tensors, 350).float().cpu()
+    expected = _reference_expanded(cfg, w, *tensors, 350).float().cpu()
     assert_close(f"cuda {kernel} key blocks", ours, expected, 0.05, mean_atol=4e-3)

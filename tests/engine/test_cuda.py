@@ -239,7 +239,8 @@ def test_cuda_largest_image_fits_the_workspace_the_plan_lends_the_encoder():
     """The plan gives the vision encoder weights + VISION_ACTIVATION_BYTES of the first GPU's
     workspace (an estimate until this runs). Measured at the real widths on the largest image
     (1540 px: 12,100 patches, one block mask): activations are freed layer by layer, so two
-    layers peak as 24 do."""
+    layers peak as 24 do. The projector after it (patch merging, two small linears on a
+    quarter of the patches) peaks far lower and is left out."""
     from transformers import PixtralVisionConfig
     from transformers.models.pixtral.modeling_pixtral import PixtralVisionModel
 
