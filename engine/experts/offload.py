@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -174,14 +174,10 @@ class OffloadedExperts:
                     plan[expert] = slots.weights(slot, expert, self.dtype)
                 in_slot[expert] = slot
         decisions = self._copy_decisions(layer, misses, selected)
-        # CPU jobs start first: their input must reach the host before the PCIe copies are
+        # CPU work starts first: its input must reach the host before the PCIe copies are
         # queued, or the transfer would wait for those copies and the two paths would not overlap.
-        cpu_jobs: dict[int, Future] = {}
-        if self.cpu_misses and any(a is None for _, a in decisions):
-            x_host = x.to("cpu")
-            for expert, admitted in decisions:
-                if admitted is None:
-                    cpu_jobs[expert] = self._submit_cpu(layer, expert, x_host, top_idx)
+        on_cpu = self._cpu_experts(layer, [e for e, a in decisions if a is None] if self.cpu_misses
+                                   else [], x, top_idx)
         for expert, admitted in decisions:
             if admitted is None:
                 if not self.cpu_misses:  # no CPU path: serve from a staging copy, uncached
@@ -202,8 +198,7 @@ class OffloadedExperts:
             grouped = slots.grouped(x, in_slot, top_idx[0].tolist())
             for expert, y in zip(grouped[0], grouped[1], strict=True):
                 plan[expert] = _computed(y)
-        for expert, job in cpu_jobs.items():
-            plan[expert] = Deferred(self._waited(job))
+        plan.update(on_cpu)
         if self.prefetcher is not None:
             self._prefetch_next(layer, slots.device)
         return plan, grouped
@@ -259,30 +254,37 @@ class OffloadedExperts:
             return num_misses
         return split_misses(num_misses, expert_bytes, p.pcie_bytes_per_s, p.cpu_expert_bytes_per_s)[0]
 
-    def _waited(self, job: Future):
-        """job.result, counting the time the caller blocks on it (the CPU path running late)."""
-        def result() -> torch.Tensor:
-            t0 = time.perf_counter()
-            try:
-                return job.result()
-            finally:
-                self.wait_cpu_s += time.perf_counter() - t0
-
-        return result
-
-    def _submit_cpu(self, layer: int, expert: int, x_host: torch.Tensor, top_idx: torch.Tensor) -> Future:
-        """Compute one expert for the tokens that chose it, on the CPU, from the host store."""
-        token_idx = torch.where((top_idx == expert).any(dim=-1))[0]  # both on the host
-        xs = x_host[token_idx]
+    def _cpu_experts(self, layer: int, experts: list[int], x: torch.Tensor, top_idx: torch.Tensor
+                     ) -> dict[int, object]:
+        """run_experts sources for `experts` computed on the CPU from the host store. Beside a
+        GPU (or with measured rates) all of them run as one job on the CPU thread, so the GPU's
+        work proceeds meanwhile and the step pays one hand-off (~20-70 us), not one per expert;
+        on a CPU layer there is nothing to overlap, so they run inline when their turn comes."""
+        if not experts:
+            return {}
         host = self.store.layers[layer]
-        self.bytes_cpu += host.expert_bytes()
-        self.num_cpu_experts += 1
+        self.bytes_cpu += len(experts) * host.expert_bytes()
+        self.num_cpu_experts += len(experts)
 
-        def job() -> torch.Tensor:
+        def forward(expert: int, xs: torch.Tensor) -> torch.Tensor:
             return cpu_expert_forward(xs, host.gate_up[expert], host.gate_up_scale[expert],
                                       host.down[expert], host.down_scale[expert], self.dtype)
 
-        return self._cpu_pool.submit(job)
+        device = self.layers[layer].device
+        if device.type == "cpu" and device not in self.profiles:
+            return {e: (lambda xs, e=e: forward(e, xs)) for e in experts}
+        x_host = x.to("cpu")
+        inputs = [x_host[torch.where((top_idx == e).any(dim=-1))[0]] for e in experts]  # on the host
+        job = self._cpu_pool.submit(lambda: [forward(e, xs) for e, xs in zip(experts, inputs, strict=True)])
+
+        def output(i: int) -> torch.Tensor:
+            t0 = time.perf_counter()  # time the caller blocks: the CPU path running late
+            try:
+                return job.result()[i]
+            finally:
+                self.wait_cpu_s += time.perf_counter() - t0
+
+        return {e: Deferred(lambda i=i: output(i)) for i, e in enumerate(experts)}
 
     def _staged(self, layer: int, expert: int, device: torch.device):
         host = self.store.layers[layer]
@@ -304,25 +306,20 @@ class OffloadedExperts:
         cached = {e: s for e in ids if (s := self.policy.peek((layer, e))) is not None}
         # The CPU's share starts first, as in decode: its input reaches the host before the
         # copies are queued.
-        cpu_jobs = self._cpu_share(layer, x, top_idx, [(e, t) for e, t in zip(ids, num_tokens)
-                                                       if e not in cached])
-        streamer = ExpertStreamer(slots, layer, [e for e in ids if e not in cpu_jobs], cached,
+        on_cpu = self._cpu_share(layer, x, top_idx, [(e, t) for e, t in zip(ids, num_tokens)
+                                                     if e not in cached])
+        streamer = ExpertStreamer(slots, layer, [e for e in ids if e not in on_cpu], cached,
                                   self.dtype, self._staging(slots))
-
-        def source(expert: int):
-            job = cpu_jobs.get(expert)
-            return streamer(expert) if job is None else Deferred(self._waited(job))
-
-        out = run_experts(x, top_idx, top_weights, source)
+        out = run_experts(x, top_idx, top_weights, lambda e: on_cpu[e] if e in on_cpu else streamer(e))
         self.bytes_copied += streamer.num_bytes_copied
         self.num_ahead_used += streamer.adopted
         self.seed({(layer, e): float(c) for e, c in zip(ids, num_tokens)})
         return out
 
     def _cpu_share(self, layer: int, x: torch.Tensor, top_idx: torch.Tensor,
-                   missing: list[tuple[int, int]]) -> dict[int, Future]:
-        """CPU jobs for the streamed experts (expert, its tokens) the CPU finishes sooner than
-        their copies would (engine.experts.ceiling.split_streamed): none for long chunks."""
+                   missing: list[tuple[int, int]]) -> dict[int, object]:
+        """CPU sources for the streamed experts (expert, its tokens) the CPU finishes sooner
+        than their copies would (engine.experts.ceiling.split_streamed): none for long chunks."""
         p = self.profiles.get(self.layers[layer].device)
         # Below the copy-ahead length only (a chunk's first groups are then fixed before routing):
         # the whole input goes to the host (32 MB at 4K), and GPU outputs after the first CPU
@@ -331,11 +328,7 @@ class OffloadedExperts:
             return {}
         chosen = split_streamed([t for _, t in missing], self.layers[layer].host.expert_bytes(),
                                 p.pcie_bytes_per_s, p.cpu_expert_bytes_per_s, p.cpu_expert_tokens_per_s)
-        if not chosen:
-            return {}
-        x_host = x.to("cpu")
-        return {missing[i][0]: self._submit_cpu(layer, missing[i][0], x_host, top_idx)
-                for i in sorted(chosen)}
+        return self._cpu_experts(layer, [missing[i][0] for i in sorted(chosen)], x, top_idx)
 
     def _staging(self, slots: LayerSlots) -> StagingBuffers | None:
         if slots.device.type != "cuda":
