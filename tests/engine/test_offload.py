@@ -351,3 +351,25 @@ def test_the_split_holds_when_the_policy_would_bypass(tiny_checkpoint, reference
     assert counters["misses"] > 20
     assert counters["cpu_experts"] <= counters["misses"] // 2
     model.close()
+
+
+def test_a_steps_cpu_experts_are_one_job_beside_a_gpu_and_inline_on_a_cpu(tiny_checkpoint,
+                                                                           reference_logits):
+    """Beside a GPU (here: with measured rates) all of a step's CPU experts go to the CPU thread
+    as one job, one hand-off; on a CPU layer they run inline, the pool unused. Same logits."""
+    for measured in (True, False):
+        model = LoadedModel(tiny_checkpoint, LoadOptions(dtype="float32", expert_cache_slots=1))
+        if measured:  # a CPU far faster than the link: every miss goes to the CPU
+            _profile(model, MachineProfile(1.0e6, 1.0e12, 1.0e9, "test"))
+        pool = model.experts._cpu_pool
+        submitted: list = []
+        pool.submit = lambda fn, submit=pool.submit, jobs=submitted: jobs.append(fn) or submit(fn)
+        assert_close(f"cpu experts, measured={measured}", _run(model, prefill=10), reference_logits,
+                     FP32_ATOL)
+        num_cpu = model.experts.counters()["cpu_experts"]
+        assert num_cpu > 0
+        if measured:  # top-2: steps with two misses send both in one job
+            assert 0 < len(submitted) < num_cpu
+        else:
+            assert submitted == []
+        model.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from engine.experts.ceiling import EXPERT_BYTES
@@ -43,12 +44,17 @@ def _replay(trace, slots: int, balanced: bool) -> tuple[float, float]:
     return hits / uses, seconds / (trace.shape[0] - 64)
 
 
-def test_the_pcie_share_is_kept_and_the_hit_rate_with_it():
+@pytest.mark.parametrize(("slots", "hit_cost"), [(22, 0.005), (8, 0.01)])
+def test_the_pcie_share_is_kept_at_a_small_cost_in_hits(slots, hit_cost):
     """Bypassed misses sent to the CPU on top of its share made it the slow path (the old
-    behaviour, replayed here by offering half the misses for copies with the bypass deciding):
-    ~30% more miss time per token. Ranked forced admission keeps the split, hit rate unchanged."""
+    behaviour, replayed here by offering half the misses for copies with the bypass deciding).
+    Keeping the split saves a quarter to a third of the miss time per token; forcing the PCIe
+    share into the cache costs little hit rate (measured, seeds 0 and 1: at 22 slots, the 24 GiB
+    plan, 25.1 -> 19.1 ms and 0.573 -> 0.574, 25.8 -> 18.9 ms and 0.583 -> 0.579; at 8 slots
+    45.5 -> 29.1 ms and 0.292 -> 0.287). Caching only what the policy admits and copying the
+    rest uncached would keep those hits too, but needs a scratch slot the grouped kernel reads."""
     trace = synthetic_trace(320, 36, seed=0)
-    old_hits, old_seconds = _replay(trace, 22, balanced=False)
-    new_hits, new_seconds = _replay(trace, 22, balanced=True)
+    old_hits, old_seconds = _replay(trace, slots, balanced=False)
+    new_hits, new_seconds = _replay(trace, slots, balanced=True)
     assert new_seconds < 0.85 * old_seconds, (old_seconds, new_seconds)
-    assert new_hits >= old_hits - 0.005, (old_hits, new_hits)
+    assert new_hits >= old_hits - hit_cost, (old_hits, new_hits)
