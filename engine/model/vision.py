@@ -29,8 +29,9 @@ class VisionTower:
         # holding 0.81 GB of expert-slot room for good (engine.placement).
         self.tower.to(dtype=dtype).eval()
         self.projector.to(dtype=dtype).eval()
-        self._host = {name: _pinned(t) if device.type == "cuda" else t
-                      for name, t in _state(self.tower, self.projector).items()}
+        self._host = {part: {name: _pinned(t) if device.type == "cuda" else t
+                             for name, t in _state(module).items()}
+                      for part, module in (("tower", self.tower), ("projector", self.projector))}
         # The modules keep only their code: every run passes `_host`'s tensors in, so no
         # second host copy is held (and a tensor left out would fail loudly on "meta").
         self.tower.to("meta")
@@ -43,17 +44,15 @@ class VisionTower:
         sd = {n[len(prefix):]: ckpt.get(n) for n in ckpt.tensors if n.startswith(prefix)}
         module.load_state_dict(sd, strict=True)
 
-    def on_device(self) -> dict[str, torch.Tensor]:
-        """Every weight and buffer of tower and projector on the encoder's device (views of the
-        host ones on the CPU); keys as `_state` names them."""
-        return {name: t.to(self.device, non_blocking=True) for name, t in self._host.items()}
+    def on_device(self, part: str) -> dict[str, torch.Tensor]:
+        """Every weight and buffer of "tower" or "projector" on the encoder's device (the host
+        ones themselves on the CPU)."""
+        return {name: t.to(self.device, non_blocking=True) for name, t in self._host[part].items()}
 
     @torch.no_grad()
     def encode(self, pixels: list[torch.Tensor]) -> torch.Tensor:
         """pixels: one [3, H, W] tensor per image (H, W multiples of 28)."""
-        weights = self.on_device()
-        tower = {n[len("tower."):]: t for n, t in weights.items() if n.startswith("tower.")}
-        projector = {n[len("projector."):]: t for n, t in weights.items() if n.startswith("projector.")}
+        tower, projector = self.on_device("tower"), self.on_device("projector")
         feats = []
         for px in pixels:
             size = torch.tensor([[px.shape[1], px.shape[2]]])
@@ -67,13 +66,9 @@ class VisionTower:
         return torch.cat(feats, dim=0)
 
 
-def _state(tower: torch.nn.Module, projector: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Parameters and buffers (non-persistent ones too: a GPU run needs every tensor there)."""
-    out = {}
-    for prefix, module in (("tower.", tower), ("projector.", projector)):
-        out |= {prefix + n: t.detach() for n, t in module.named_parameters()}
-        out |= {prefix + n: t for n, t in module.named_buffers()}
-    return out
+    return {n: t.detach() for n, t in module.named_parameters()} | dict(module.named_buffers())
 
 
 def _pinned(t: torch.Tensor) -> torch.Tensor:

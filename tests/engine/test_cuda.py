@@ -221,7 +221,7 @@ def test_cuda_image_prompt_borrows_the_gpu_only_while_encoding(tiny_checkpoint, 
     model = LoadedModel(tiny_checkpoint, LoadOptions(device="cuda", dtype="float32",
                                                      expert_cache_slots=2))
     vision = model.vision
-    assert all(t.is_pinned() for t in vision._host.values())
+    assert all(t.is_pinned() for part in vision._host.values() for t in part.values())
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     embeds = model.embed_prompt(prompt, 0)
