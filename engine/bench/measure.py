@@ -16,7 +16,7 @@ import torch
 from engine.kv.cache import LatentKVCache
 
 
-def _sync() -> None:
+def sync_cuda() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -87,11 +87,11 @@ def head_seconds(model) -> float:
         torch.nn.functional.linear(x, dec.lm_head)
 
     run()
-    _sync()
+    sync_cuda()
     t0 = time.perf_counter()
     for _ in range(5):
         run()
-    _sync()
+    sync_cuda()
     return (time.perf_counter() - t0) / 5
 
 
@@ -113,11 +113,11 @@ def decode_run(model, depth: int, num_tokens: int, warmup: int, head_s: float,
     for step in range(warmup + num_tokens):
         if step == warmup and hasattr(model.experts, "reset_counters"):
             model.experts.reset_counters()
-        _sync()
+        sync_cuda()
         t0 = time.perf_counter()
         logits = model.forward(model.embed_ids([token]), cache)
         token = int(logits.argmax())
-        _sync()
+        sync_cuda()
         if step >= warmup:
             times.append(time.perf_counter() - t0)
     n = model.config.num_hidden_layers
@@ -133,18 +133,18 @@ def prefill_run(model, num_tokens: int, chunk: int, head_s: float, real_layers: 
     gen = torch.Generator().manual_seed(2)
     ids = torch.randint(1000, model.config.vocab_size, (num_tokens,), generator=gen).tolist()
     cache = model.decoder.new_cache()
-    _sync()
+    sync_cuda()
     t0 = time.perf_counter()
     logits = None
     num_chunks = 0
     for lo in range(0, num_tokens, chunk):
         logits = model.forward(model.embed_ids(ids[lo : lo + chunk]), cache)
         num_chunks += 1
-    _sync()
+    sync_cuda()
     t_prefill = time.perf_counter() - t0
     t1 = time.perf_counter()
     model.forward(model.embed_ids([int(logits.argmax())]), cache)
-    _sync()
+    sync_cuda()
     t_first = time.perf_counter() - t1
     n = model.config.num_hidden_layers
     t_pp = scaled(t_prefill, head_s * num_chunks, n, real_layers)
@@ -163,11 +163,11 @@ def followup_run(model, depth: int, question: int, chunk: int, work_dir, head_s:
     ids = torch.randint(1000, model.config.vocab_size, (depth + question,), generator=gen).tolist()
 
     def prefill(cache, tokens: list[int]) -> float:
-        _sync()
+        sync_cuda()
         t0 = time.perf_counter()
         for lo in range(0, len(tokens), chunk):
             model.forward(model.embed_ids(tokens[lo : lo + chunk]), cache)
-        _sync()
+        sync_cuda()
         return time.perf_counter() - t0
 
     cache = model.decoder.new_cache()
@@ -180,7 +180,7 @@ def followup_run(model, depth: int, question: int, chunk: int, work_dir, head_s:
     t0 = time.perf_counter()
     restored = model.decoder.new_cache()
     restored.load_state(store.load("bench").state)
-    _sync()
+    sync_cuda()
     t_restore = time.perf_counter() - t0
     t_after_restore = prefill(restored, ids[depth:])
     t_full = prefill(model.decoder.new_cache(), ids)

@@ -10,12 +10,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from engine.bench.measure import fill_cache
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+from engine.bench.measure import fill_cache, sync_cuda
 
 
 def profile_decode(model, num_tokens: int = 4, warmup: int = 4, depth: int = 0, rows: int = 30) -> str:
@@ -33,12 +28,12 @@ def profile_decode(model, num_tokens: int = 4, warmup: int = 4, depth: int = 0, 
         step()
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    _sync()
+    sync_cuda()
     t0 = time.perf_counter()
     with profile(activities=activities) as prof:
         for _ in range(num_tokens):
             step()
-        _sync()
+        sync_cuda()
     wall_ms = (time.perf_counter() - t0) * 1e3 / num_tokens
     averages = prof.key_averages()
     layers = model.config.num_hidden_layers

@@ -65,10 +65,10 @@ class OffloadedExperts:
         self.cpu_misses = cpu_misses
         self._cpu_pool = ThreadPoolExecutor(1, thread_name_prefix="quire-cpu-experts")
         self.routing_log: list[torch.Tensor] | None = None
-        # Set on GPU loads (engine.experts.profile): with it, a step's misses (and a short
-        # prefill chunk's streamed experts) are split so that PCIe copies and CPU compute
-        # finish together; without it, admission alone decides.
-        # One per GPU: each card has its own PCIe link (a second card often sits in an x8 slot).
+        # Set on GPU loads (engine.experts.profile), one per GPU: each card has its own PCIe
+        # link (a second card often sits in an x8 slot). With a layer's device's profile, a
+        # step's misses (and a short prefill chunk's streamed experts) are split so that PCIe
+        # copies and CPU compute finish together; without it, admission alone decides.
         self.profiles: dict[torch.device, MachineProfile] = {}
         self._buffers: dict[torch.device, StagingBuffers] = {}
         self.bytes_copied = 0
@@ -237,7 +237,7 @@ class OffloadedExperts:
         hit rate unchanged; random routing 48.2 against 32.7).
         """
         num_copies = self._num_copies(layer, len(misses), self.layers[layer].host.expert_bytes())
-        balanced = self.cpu_misses and self.profiles.get(self.layers[layer].device) is not None
+        balanced = self.cpu_misses and self._profile(layer) is not None
         if not balanced:  # admission alone decides what is copied
             return [(e, self.policy.admit((layer, e)) if i < num_copies else None)
                     for i, e in enumerate(misses)]
@@ -247,9 +247,13 @@ class OffloadedExperts:
         return [(e, self.policy.admit((layer, e), force=True, keep=keep) if e in copied else None)
                 for e in misses]
 
+    def _profile(self, layer: int) -> MachineProfile | None:
+        """The measured rates of the layer's GPU (None on CPU loads)."""
+        return self.profiles.get(self.layers[layer].device)
+
     def _num_copies(self, layer: int, num_misses: int, expert_bytes: int) -> int:
         """How many of a step's misses go over PCIe (the rest to the CPU), so both finish together."""
-        p = self.profiles.get(self.layers[layer].device)
+        p = self._profile(layer)
         if not self.cpu_misses or p is None:
             return num_misses
         return split_misses(num_misses, expert_bytes, p.pcie_bytes_per_s, p.cpu_expert_bytes_per_s)[0]
@@ -270,8 +274,7 @@ class OffloadedExperts:
             return cpu_expert_forward(xs, host.gate_up[expert], host.gate_up_scale[expert],
                                       host.down[expert], host.down_scale[expert], self.dtype)
 
-        device = self.layers[layer].device
-        if device.type == "cpu" and device not in self.profiles:
+        if self.layers[layer].device.type == "cpu" and self._profile(layer) is None:
             return {e: (lambda xs, e=e: forward(e, xs)) for e in experts}
         x_host = x.to("cpu")
         inputs = [x_host[torch.where((top_idx == e).any(dim=-1))[0]] for e in experts]  # on the host
@@ -320,7 +323,7 @@ class OffloadedExperts:
                    missing: list[tuple[int, int]]) -> dict[int, object]:
         """CPU sources for the streamed experts (expert, its tokens) the CPU finishes sooner
         than their copies would (engine.experts.ceiling.split_streamed): none for long chunks."""
-        p = self.profiles.get(self.layers[layer].device)
+        p = self._profile(layer)
         # Below the copy-ahead length only (a chunk's first groups are then fixed before routing):
         # the whole input goes to the host (32 MB at 4K), and GPU outputs after the first CPU
         # expert wait for it.

@@ -26,6 +26,7 @@ def _replay(trace, slots: int, balanced: bool) -> tuple[float, float]:
         profiles={cpu: MachineProfile(PCIE, CPU, 1e4, "test")} if balanced else {},
         layers=[SimpleNamespace(device=cpu, host=SimpleNamespace(expert_bytes=lambda: EXPERT_BYTES))]
         * trace.shape[1])
+    backend._profile = lambda layer: OffloadedExperts._profile(backend, layer)
     backend._num_copies = lambda *a: OffloadedExperts._num_copies(backend, *a)
     if not balanced:  # the split without the policy's say: half the misses offered for copies
         backend._num_copies = lambda layer, m, b: -(-m // 2)
