@@ -61,6 +61,9 @@ class PlanModel:
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     gpu_budget_bytes: int | None = None  # per GPU; None = free memory minus a margin
     context_length: int = 32768
+    # Offloaded experts in RAM: "auto" (8-bit: int8, or FP8 as shipped) or "int4" (opt-in 4-bit:
+    # 0.56x the bytes, so more experts cached on the GPU and faster misses; lossy).
+    host_format: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ class LoadModel:
     gpu_budget_bytes: int | None = None
     context_length: int = 32768
     expert_cache_slots: int | None = None  # per layer; None = as the plan decides
+    host_format: str = "auto"  # as PlanModel.host_format
     create_demo: bool = False
     snapshot_dir: Path | None = None  # where document prefixes are saved between runs
 

@@ -3,12 +3,16 @@ the PlanReady event the app shows before loading, and the slots/split a load use
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from engine import api
-from engine.checkpoint import Checkpoint
+from engine.checkpoint import Checkpoint, TensorInfo
 from engine.errors import OutOfMemoryError
+from engine.experts import int4
 from engine.model.names import TEXT, layer_prefix
 from engine.placement import (
     ModelShape,
@@ -18,13 +22,17 @@ from engine.placement import (
     plan_placement,
 )
 
+log = logging.getLogger(__name__)
 
-def shape_of(ckpt: Checkpoint) -> ModelShape:
-    """Byte sizes read from the checkpoint's headers (so any variant is planned exactly)."""
+
+def shape_of(ckpt: Checkpoint, host_format: str = "fp8") -> ModelShape:
+    """Byte sizes read from the checkpoint's headers (so any variant is planned exactly); the
+    experts' in the host format they will be held in (int4 is smaller than as shipped)."""
     cfg, tensors = ckpt.config, ckpt.tensors
     experts = f"{layer_prefix(0)}.mlp.experts."
-    expert_total = sum(t.num_bytes for n, t in tensors.items() if n.startswith(experts)
-                       and n.endswith(("gate_up_proj", "down_proj")))
+    expert_tensors = [t for n, t in tensors.items() if n.startswith(experts)
+                      and n.endswith(("gate_up_proj", "down_proj"))]
+    expert_total = sum(_host_bytes(t, host_format) for t in expert_tensors)
     layer0 = layer_prefix(0) + "."
     dense_layer = sum(t.num_bytes for n, t in tensors.items()
                       if n.startswith(layer0) and not n.startswith(experts))
@@ -42,9 +50,18 @@ def shape_of(ckpt: Checkpoint) -> ModelShape:
     )
 
 
+def _host_bytes(t: TensorInfo, host_format: str) -> int:
+    if host_format != "int4":  # fp8 and int8: one byte per weight, like the FP8 as shipped
+        return t.num_bytes
+    *lead, rows, cols = t.shape
+    int4.check_shape(rows, cols)
+    return math.prod(lead) * rows * int4.blob_width(cols)
+
+
 def make_plan(ckpt: Checkpoint, device: str, gpu_budget_bytes: int | None, context_length: int,
               expert_slots: int | None = None, num_targets: int = 1,
-              as_layers: int | None = None, gpu_indices: tuple[int, ...] = ()) -> PlacementPlan:
+              as_layers: int | None = None, gpu_indices: tuple[int, ...] = (),
+              host_format: str = "fp8") -> PlacementPlan:
     """`as_layers` plans as if the model had that many layers (a benchmark measuring a few
     layers of a synthetic checkpoint gets the expert slots the full 36-layer model would)."""
     gpus = detect_gpus() if device in ("auto", "cuda") or device.startswith("cuda") else []
@@ -56,7 +73,7 @@ def make_plan(ckpt: Checkpoint, device: str, gpu_budget_bytes: int | None, conte
         targets = ["cpu"] * max(1, num_targets)
     elif num_targets > len(gpus):
         targets = [f"cuda:{gpus[i % len(gpus)].index}" for i in range(num_targets)]
-    shape = shape_of(ckpt)
+    shape = shape_of(ckpt, host_format)
     if as_layers:
         shape = replace(shape, num_layers=as_layers,
                         host_expert_bytes=shape.host_expert_bytes // shape.num_layers * as_layers)
@@ -68,12 +85,27 @@ def make_plan(ckpt: Checkpoint, device: str, gpu_budget_bytes: int | None, conte
 
 def plan_for_folder(req: api.PlanModel) -> api.PlanReady:
     ckpt = Checkpoint.open(Path(req.model_dir).expanduser())
-    plan = make_plan(ckpt, req.device, req.gpu_budget_bytes, req.context_length)
+    plan, fmt = plan_in_format(req.host_format, lambda f: make_plan(
+        ckpt, req.device, req.gpu_budget_bytes, req.context_length, host_format=f))
     parts = tuple(api.PlanPart(dev, what, int(n)) for dev, what, n in plan.to_parts())
     gpu_bytes = sum(t.used_bytes for t in plan.targets if t.is_gpu)
     host = plan.shape.host_expert_bytes if plan.host_store == "pinned" else 0
-    return api.PlanReady(req.request_id, Path(req.model_dir), plan.fits, plan.summary(), parts,
-                         host, gpu_bytes)
+    summary = plan.summary() if fmt == req.host_format else f"{INT4_NEEDS_RAM}: {plan.summary()}"
+    return api.PlanReady(req.request_id, Path(req.model_dir), plan.fits, summary, parts, host, gpu_bytes)
+
+
+INT4_NEEDS_RAM = "4-bit experts need more free RAM than this machine has; planned with 8-bit ones"
+
+
+def plan_in_format(host_format: str, plan_for: Callable[[str], PlacementPlan]) -> tuple[PlacementPlan, str]:
+    """(plan, the host format it holds). int4 exists only as a requantised copy in RAM: when RAM
+    is short (the plan maps the files instead), the store serves FP8 from the mapped files,
+    whose larger experts need a plan of their own."""
+    plan = plan_for(host_format)
+    if host_format == "int4" and plan.host_store == "mmap":
+        log.warning("%s (FP8 served from the memory-mapped files)", INT4_NEEDS_RAM)
+        return plan_for("fp8"), "fp8"
+    return plan, host_format
 
 
 def planned_options(opts, ckpt: Checkpoint, gpu_budget_bytes: int | None = None,
@@ -109,8 +141,12 @@ def _placed_options(opts, ckpt: Checkpoint, gpu_budget_bytes: int | None, as_lay
             return opts
         return replace(opts, expert_cache_slots=0,
                        host_mode="ram" if expert_bytes < 0.9 * available else "mmap")
-    plan = make_plan(ckpt, opts.device, gpu_budget_bytes, opts.context_length,
-                     opts.expert_cache_slots, opts.num_targets, as_layers, tuple(opts.gpus))
+    def plan_for(host_format: str) -> PlacementPlan:
+        return make_plan(ckpt, opts.device, gpu_budget_bytes, opts.context_length, opts.expert_cache_slots,
+                         opts.num_targets, as_layers, tuple(opts.gpus), host_format)
+
+    plan, fmt = plan_in_format(opts.host_format, plan_for)
+    opts = replace(opts, host_format=fmt)
     if not plan.fits:
         raise OutOfMemoryError(f"The model does not fit this machine as configured: {plan.summary()}")
     gpus = tuple(t.gpu_index for t in plan.targets if t.gpu_index is not None)

@@ -159,14 +159,18 @@ def _load_options(req: api.LoadModel, ckpt):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     opts = LoadOptions(device=device, dtype="bfloat16", context_length=req.context_length,
                        expert_cache_slots=req.expert_cache_slots, snapshot_dir=req.snapshot_dir,
-                       host_format="auto")
+                       host_format=req.host_format)
     return planned_options(opts, ckpt, req.gpu_budget_bytes)
+
+
+FORMAT_NAMES = {"fp8": "8-bit FP8", "int8": "8-bit int8", "int4": "4-bit"}
 
 
 def _device_summary(model) -> str:
     devices = sorted({str(d) for d in model.layer_devices})
     mode = "all experts resident" if model.opts.expert_cache_slots is None else (
-        f"{model.opts.expert_cache_slots} expert slots per layer, the rest offloaded")
+        f"{model.opts.expert_cache_slots} expert slots per layer, the rest offloaded "
+        f"({FORMAT_NAMES.get(model.experts.store.fmt, model.experts.store.fmt)} experts)")
     return f"{', '.join(devices)}; {mode}; loaded in {model.load_seconds:.1f} s"
 
 

@@ -25,6 +25,7 @@ from engine.bench.measure import (
     prefill_run,
 )
 from engine.errors import QuireError
+from engine.experts.store import HOST_FORMATS
 from engine.model import fused_attention
 
 REAL_LAYERS = 36
@@ -51,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question-tokens", type=int, default=30)
     p.add_argument("--tokens", type=int, default=32, help="decode tokens measured per depth")
     p.add_argument("--warmup", type=int, default=8)
-    p.add_argument("--host-format", choices=("auto", "fp8", "int8"), default="auto")
+    p.add_argument("--host-format", choices=("auto", *HOST_FORMATS), default="auto",
+                   help="offloaded experts in RAM: fp8 as shipped, int8 (auto when offloaded), or "
+                        "int4 (opt-in: 0.56x the bytes, lossy)")
     p.add_argument("--host-mode", choices=("pinned", "mmap"), default="pinned",
                    help="host expert store (the plan's choice for 36 layers is in 'plan')")
     p.add_argument("--prefetch", action="store_true", help="next-layer expert prefetch on")
@@ -107,8 +110,8 @@ def load_model(args: argparse.Namespace):
     budget = parse_bytes(args.gpu_budget) if args.gpu_budget else None
     plan_summary = ""
     if device.startswith("cuda"):
-        plan_summary = make_plan(ckpt, device, budget, context, args.expert_cache_slots,
-                                 args.targets, as_layers=REAL_LAYERS).summary()
+        plan_summary = make_plan(ckpt, device, budget, context, args.expert_cache_slots, args.targets,
+                                 as_layers=REAL_LAYERS, host_format=args.host_format).summary()
     # Plan as the full 36-layer model: the measured layers get the slots they would have.
     opts = planned_options(opts, ckpt, budget, as_layers=REAL_LAYERS)
     if opts.expert_cache_slots is None:  # the bench always measures the offload runtime
@@ -172,7 +175,7 @@ def run(args: argparse.Namespace) -> dict:
     steps = model.decoder.decode_steps
     out["cuda_graphs"] = steps is not None and not steps.failed
     out["ceiling"] = ceiling(out["machine"], decode[0] if decode else None, cfg, args,
-                             out["host_format"])
+                             out["host_format"], model.experts.store.layers[0].expert_bytes())
     if args.baseline == "hf":
         from engine.bench.baseline import hf_decode
 
@@ -229,14 +232,15 @@ def write_profile(model, args: argparse.Namespace) -> dict:
         return {"profile_error": f"{type(exc).__name__}: {exc}"}
 
 
-def ceiling(mach: dict, row: dict | None, cfg, args: argparse.Namespace, host_format: str) -> dict:
-    """The prior-art decode ceiling for the measured hit rate and bandwidths."""
+def ceiling(mach: dict, row: dict | None, cfg, args: argparse.Namespace, host_format: str,
+            expert_bytes: int) -> dict:
+    """The prior-art decode ceiling for the measured hit rate and bandwidths, for experts of
+    `expert_bytes` in the host format."""
     from engine.experts.ceiling import decode_ceilings, resident_time
 
     pcie, hbm = mach.get("pcie_pinned_bytes_per_s"), mach.get("hbm_bytes_per_s")
     if row is None or not pcie or not hbm:
         return {"note": "needs a CUDA GPU (PCIe and HBM bandwidths)"}
-    expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size
     uses = REAL_LAYERS * cfg.num_experts_per_tok
     cpu = 0.0 if args.no_cpu_misses else mach["cpu_expert_bytes_per_s"][host_format]
     resident_s = resident_time(row["hit_rate"], hbm, uses_per_token=uses, expert_bytes=expert_bytes)
@@ -248,7 +252,11 @@ def ceiling(mach: dict, row: dict | None, cfg, args: argparse.Namespace, host_fo
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.host_format in ("int8", "int4") and args.host_mode == "mmap":
+        parser.error(f"--host-format {args.host_format} is a requantised copy in RAM; "
+                     "--host-mode mmap serves FP8 from the files (use --host-mode pinned)")
     try:
         result = run(args)
     except QuireError as exc:

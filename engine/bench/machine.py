@@ -1,5 +1,5 @@
 """Probes of the machine the benchmark runs on: GPU, pinned PCIe bandwidth, HBM bandwidth,
-CPU model and memory bandwidth, and the CPU's expert-compute rate on FP8 weights."""
+CPU model and memory bandwidth, and the CPU's expert-compute rate in each host format."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import time
 
 import torch
 
+from engine.experts import int4
 from engine.experts.compute import cpu_expert_forward
-from engine.experts.store import requantize_int8
+from engine.experts.store import HOST_FORMATS, requantize_int4, requantize_int8
 
 
 def _timed(fn, repeats: int = 5) -> float:
@@ -77,6 +78,8 @@ def _probe_experts(hidden: int, width: int, fmt: str, num_experts: int):
     if fmt == "int8":
         gate_up, gu_scale = requantize_int8(gate_up, gu_scale)
         down, d_scale = requantize_int8(down, d_scale)
+    elif fmt == "int4":  # scales inside the blobs
+        gate_up, down = requantize_int4(gate_up, gu_scale), requantize_int4(down, d_scale)
     return gate_up, gu_scale, down, d_scale
 
 
@@ -97,7 +100,9 @@ def cpu_expert_bandwidth(hidden: int, width: int, dtype: torch.dtype, fmt: str =
                          num_experts: int = 4) -> float:
     """Bytes of expert weights per second the CPU path consumes for one token, by host format."""
     seconds = _cpu_expert_seconds(hidden, width, dtype, fmt, num_experts, 1)
-    return num_experts * 3 * hidden * width / seconds
+    expert_bytes = 3 * hidden * width if fmt != "int4" else \
+        2 * width * int4.blob_width(hidden) + hidden * int4.blob_width(width)  # 0.56x
+    return num_experts * expert_bytes / seconds
 
 
 def cpu_expert_token_rate(hidden: int, width: int, dtype: torch.dtype, fmt: str = "fp8",
@@ -116,8 +121,10 @@ def describe(hidden: int, width: int, dtype: torch.dtype) -> dict:
     info["pcie_pinned_bytes_per_s"] = pcie_bandwidth()
     info["hbm_bytes_per_s"] = hbm_bandwidth()
     info["cpu_memory_bytes_per_s"] = cpu_memory_bandwidth()
+    formats = [f for f in HOST_FORMATS if f != "int4" or
+               int4.supports(2 * width, hidden) and int4.supports(hidden, width)]
     info["cpu_expert_bytes_per_s"] = {fmt: cpu_expert_bandwidth(hidden, width, dtype, fmt)
-                                      for fmt in ("fp8", "int8")}
+                                      for fmt in formats}
     info["cpu_expert_tokens_per_s"] = {fmt: cpu_expert_token_rate(hidden, width, dtype, fmt)
-                                       for fmt in ("fp8", "int8")}
+                                       for fmt in formats}
     return info

@@ -1,4 +1,5 @@
-"""Expert compute: one routed expert's SiLU-gated MLP from FP8 (or bf16) weights.
+"""Expert compute: one routed expert's SiLU-gated MLP from its host format (FP8 as shipped,
+bf16, or the requantised int8 / int4 formats).
 
 The eager path dequantises in fp32 and rounds once to the compute dtype, exactly as the
 reference recipe, so offloaded and resident experts give identical results.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.experts import int4
 from engine.model.moe import expert_mlp
 from engine.quant import FP8_DTYPE
 
@@ -17,6 +19,8 @@ def dequant_expert(gate_up: torch.Tensor, gate_up_scale: torch.Tensor, down: tor
                    down_scale: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(gate_up [2I, H], down [H, I]) in `dtype` on the weights' device."""
     def deq(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        if w.dtype == torch.uint8:  # int4 blob: its scales are inside
+            return int4.dequantize(w, dtype)
         s = s.to(device=w.device, dtype=torch.float32)
         if w.dtype == torch.int8:  # per-row scales [R]
             return (w.to(torch.float32) * s[:, None]).to(dtype)
@@ -34,12 +38,16 @@ def expert_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -
 
 def cpu_expert_forward(x: torch.Tensor, gate_up: torch.Tensor, gate_up_scale: torch.Tensor,
                        down: torch.Tensor, down_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """One expert on the CPU straight from the host format: int8 through PyTorch's int8 weight
-    kernel (no dequantised copy), FP8 by eager dequantisation. x [t, H] -> [t, H]."""
+    """One expert on the CPU straight from the host format: int8 and int4 through PyTorch's
+    weight-only kernels (no dequantised copy), FP8 by eager dequantisation. x [t, H] -> [t, H]."""
     if gate_up.dtype == torch.int8:
-        x = x.to(dtype)
-        gu = torch.ops.aten._weight_int8pack_mm(x, gate_up, gate_up_scale.to(dtype))  # [t, 2I]
-        gate, up = gu.chunk(2, dim=-1)
-        h = torch.nn.functional.silu(gate) * up
-        return torch.ops.aten._weight_int8pack_mm(h.contiguous(), down, down_scale.to(dtype))
-    return expert_forward(x, *dequant_expert(gate_up, gate_up_scale, down, down_scale, dtype))
+        def matmul(xs: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+            return torch.ops.aten._weight_int8pack_mm(xs, w, s.to(dtype))
+    elif gate_up.dtype == torch.uint8:
+        def matmul(xs: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+            return int4.cpu_matmul(xs, w)
+    else:
+        return expert_forward(x, *dequant_expert(gate_up, gate_up_scale, down, down_scale, dtype))
+    gate, up = matmul(x.to(dtype), gate_up, gate_up_scale).chunk(2, dim=-1)  # [t, I] each
+    h = torch.nn.functional.silu(gate) * up
+    return matmul(h.contiguous(), down, down_scale)

@@ -54,7 +54,8 @@ class OffloadedExperts:
         self.num_experts = cfg.n_routed_experts
         if host_mode == "pinned" and all(d.type != "cuda" for d in layer_devices):
             host_mode = "ram"  # page-locking ~110 GB helps only copies to a GPU
-        self.store = HostExpertStore(ckpt, host_mode, host_format, progress)
+        gpus = [d for d in layer_devices if d.type == "cuda"]
+        self.store = HostExpertStore(ckpt, host_mode, host_format, progress, gpus[0] if gpus else None)
         if isinstance(slots_per_layer, int):
             slots_per_layer = [slots_per_layer] * cfg.num_hidden_layers
         sizes = [max(0, min(n, self.num_experts)) for n in slots_per_layer]

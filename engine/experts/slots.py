@@ -1,6 +1,6 @@
 """One layer's expert slots on its device: fixed storage in the host format (FP8 as shipped,
-or int8), filled from the host store, and the ways a cached expert is computed from it (the
-FP8/int8 kernels, one grouped call for a decode token, or eager dequantisation).
+int8 or int4), filled from the host store, and the ways a cached expert is computed from it
+(the FP8/int8 or int4 kernels, one grouped call for a decode token, or eager dequantisation).
 Glossary: H hidden, I expert width, S slots, n experts of a step.
 """
 
@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from engine.experts import fp8_kernel
+from engine.experts import fp8_kernel, int4_kernel
 from engine.experts.compute import dequant_expert, expert_forward
 from engine.experts.store import LayerExperts
 
 
 class LayerSlots:
-    """One layer's expert slots on its device, FP8 as shipped (dequantised at use)."""
+    """One layer's expert slots on its device, in the host format (dequantised at use)."""
 
     def __init__(self, host: LayerExperts, device: torch.device, num_slots: int, first_slot: int) -> None:
         self.host, self.device, self.first_slot = host, device, first_slot
@@ -26,11 +26,15 @@ class LayerSlots:
         # fp32 and contiguous, as the kernels read them (no conversion per step).
         self.gate_up_scale = host.gate_up_scale.to(device, torch.float32).contiguous()
         self.down_scale = host.down_scale.to(device, torch.float32).contiguous()
-        self.use_kernel = host.gate_up.dtype in (torch.float8_e4m3fn, torch.int8) and \
-            fp8_kernel.kernel_usable(device, shape_gu[1], shape_d[1])
-        # Decode: all of a step's cached experts in two launches (engine.experts.fp8_kernel).
-        self.use_grouped = self.use_kernel and fp8_kernel.grouped_kernel_usable(device, shape_gu[1],
-                                                                               shape_d[1])
+        # int4 blobs carry their scales (the scale tables above are then empty) and have their
+        # own kernels; the FP8 kernels also read int8.
+        self.int4 = host.gate_up.dtype == torch.uint8
+        kernels = int4_kernel if self.int4 else fp8_kernel
+        hidden, width = shape_d[0], shape_gu[0] // 2  # rows of down [H, .] and gate_up [2I, .]
+        self.use_kernel = host.gate_up.dtype in (torch.float8_e4m3fn, torch.int8, torch.uint8) and \
+            kernels.kernel_usable(device, hidden, width)
+        # Decode: all of a step's cached experts in two launches.
+        self.use_grouped = self.use_kernel and kernels.grouped_kernel_usable(device, hidden, width)
         # Slot and expert ids of a step go to the GPU from page-locked memory without a
         # blocking copy; one buffer per layer is reused only after the next token's routing
         # wait, by which time its previous copy has long finished.
@@ -56,6 +60,8 @@ class LayerSlots:
             gu_s, dn_s = self.gate_up_scale[expert], self.down_scale[expert]
 
             def compute(xs: torch.Tensor) -> torch.Tensor:
+                if xs.shape[0] <= fp8_kernel.MAX_TOKENS and self.int4:
+                    return int4_kernel.int4_expert_forward(xs, gu, dn)
                 if xs.shape[0] <= fp8_kernel.MAX_TOKENS:
                     return fp8_kernel.fp8_expert_forward(xs, gu, gu_s, dn, dn_s)
                 return expert_forward(xs, *dequant_expert(gu, gu_s, dn, dn_s, dtype))
@@ -73,8 +79,11 @@ class LayerSlots:
         self._ids_view[: 3 * n] = ([in_slot[e] - self.first_slot for e in experts] + experts
                                    + [router_row.index(e) for e in experts])
         ids = self._ids[: 3 * n].to(self.device, non_blocking=True).view(3, n)
-        out = fp8_kernel.grouped_expert_forward(x, self.gate_up, self.down, ids[0], self.gate_up_scale,
-                                                self.down_scale, expert_ids=ids[1])
+        if self.int4:
+            out = int4_kernel.grouped_int4_expert_forward(x, self.gate_up, self.down, ids[0])
+        else:
+            out = fp8_kernel.grouped_expert_forward(x, self.gate_up, self.down, ids[0],
+                                                    self.gate_up_scale, self.down_scale, expert_ids=ids[1])
         return experts, out, ids[2]
 
     def materialize(self, slot: int, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,9 +3,10 @@
 Two modes: "pinned" copies each layer's fused tensors from the memory-mapped shards into
 page-locked RAM once (fast PCIe copies, one copy of the weights: the mapping is dropped);
 "mmap" serves them straight from the mapped files (RAM short: the OS pages them in).
-Two formats: "fp8" as shipped (exact), or "int8" with per-row scales, requantised once at load,
-which PyTorch's CPU int8 kernel reads ~14x faster than FP8 (one byte per weight either way;
-RAM holds one copy, which both the PCIe and the CPU path read).
+Three formats: "fp8" as shipped (exact); "int8" with per-row scales, requantised once at load,
+which PyTorch's CPU int8 kernel reads ~14x faster than FP8 (one byte per weight either way);
+or, opt-in, "int4" (engine.experts.int4: 0.56x the bytes, lossy). RAM holds one copy, which
+both the PCIe and the CPU path read.
 Glossary: E experts, I expert width, H hidden, R rows.
 """
 
@@ -20,11 +21,13 @@ import numpy as np
 import torch
 
 from engine.checkpoint import Checkpoint, TensorInfo
+from engine.experts import int4
 from engine.model.names import layer_prefix
 from engine.quant import FP8_DTYPE
 
 log = logging.getLogger(__name__)
 
+HOST_FORMATS = ("fp8", "int8", "int4")
 NP_DTYPES = {"F8_E4M3": np.uint8, "BF16": np.uint16, "F16": np.float16, "F32": np.float32}
 TORCH_VIEW = {"F8_E4M3": FP8_DTYPE, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
@@ -42,10 +45,11 @@ def mapped_tensor(info: TensorInfo) -> torch.Tensor:
 
 @dataclass
 class LayerExperts:
-    gate_up: torch.Tensor  # [E, 2I, H] FP8 (or bf16 for unquantised checkpoints)
+    gate_up: torch.Tensor  # [E, 2I, H] FP8 (or bf16 for unquantised checkpoints); int4: blobs
     down: torch.Tensor  # [E, H, I]
-    gate_up_scale: torch.Tensor  # [E] fp32 multipliers (fp8), or [E, 2I] per-row (int8)
-    down_scale: torch.Tensor  # [E] or [E, H]
+    # [E] fp32 multipliers (fp8), [E, 2I] per-row (int8), or [E, 0] (int4: inside the blobs)
+    gate_up_scale: torch.Tensor
+    down_scale: torch.Tensor  # [E], [E, H] or [E, 0]
 
     def expert_bytes(self) -> int:  # from shapes, not by indexing (a tensor op per call)
         return math.prod(self.gate_up.shape[1:]) * self.gate_up.element_size() + \
@@ -56,18 +60,20 @@ class HostExpertStore:
     """All layers' routed experts on the host, in the format they were shipped in."""
 
     def __init__(self, ckpt: Checkpoint, mode: str = "pinned", fmt: str = "fp8",
-                 progress: Callable[[int, int], None] | None = None) -> None:
+                 progress: Callable[[int, int], None] | None = None,
+                 quantize_device: torch.device | None = None) -> None:
+        """`quantize_device`: a GPU to requantise int4 experts on (far faster than the CPU)."""
         if mode not in ("pinned", "mmap", "ram"):
             raise ValueError(f"unknown host store mode {mode!r}")
-        if fmt not in ("fp8", "int8"):
+        if fmt not in HOST_FORMATS:
             raise ValueError(f"unknown host expert format {fmt!r}")
-        if fmt == "int8" and mode == "mmap":
+        if fmt != "fp8" and mode == "mmap":
             # Requantised weights exist only in RAM, which is short (that is why mmap was
             # chosen): serve FP8 as shipped from the mapped files rather than run out of memory.
-            log.warning("host format int8 needs the experts in RAM; RAM is short, so FP8 is "
-                        "served from the memory-mapped files instead")
+            log.warning("host format %s needs the experts in RAM; RAM is short, so FP8 is "
+                        "served from the memory-mapped files instead", fmt)
             fmt = "fp8"
-        self.fmt = fmt
+        self.fmt, self.quantize_device = fmt, quantize_device
         # Page-locked memory needs a CUDA driver; without one "pinned" falls back to plain RAM.
         self.mode = "ram" if mode == "pinned" and not torch.cuda.is_available() else mode
         self.layers: list[LayerExperts] = []
@@ -92,6 +98,9 @@ class HostExpertStore:
                 host = torch.empty(mapped.shape, dtype=torch.int8, pin_memory=self.mode == "pinned")
                 scale = requantize_int8(mapped, scale, out=host)[1]
                 tensors.append(host)
+            elif self.fmt == "int4":
+                tensors.append(requantize_int4(mapped, scale, self.mode == "pinned", self.quantize_device))
+                scale = torch.empty((num_experts, 0))
             else:
                 host = torch.empty(mapped.shape, dtype=mapped.dtype, pin_memory=self.mode == "pinned")
                 host.copy_(mapped)  # straight from the page cache into (pinned) RAM
@@ -123,3 +132,20 @@ def requantize_int8(weights: torch.Tensor, scales: torch.Tensor, out: torch.Tens
         out[e] = w.mul_((127.0 / peak)[:, None]).round_().to(torch.int8)
         row_scales[e] = (peak * (float(scales[e]) / 127.0)).clamp_(min=1e-12)
     return out, row_scales
+
+
+def requantize_int4(weights: torch.Tensor, scales: torch.Tensor, pin: bool = False,
+                    device: torch.device | None = None) -> torch.Tensor:
+    """FP8 (or bf16) [E, R, C] with per-expert multipliers [E] -> int4 blobs uint8 [E, R, width]
+    (engine.experts.int4), one expert at a time so the temporaries stay small. On a CUDA
+    `device` each expert is quantised there: ~0.3 s per expert on two CPU cores (36 minutes for
+    the whole model) becomes a copy each way."""
+    num_experts, rows, cols = weights.shape
+    int4.check_shape(rows, cols)
+    out = torch.empty((num_experts, rows, int4.blob_width(cols)), dtype=torch.uint8, pin_memory=pin)
+    for e in range(num_experts):
+        w = weights[e] if device is None else weights[e].to(device, non_blocking=pin)
+        int4.quantize(w, float(scales[e]), out=out[e])
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)  # the last copies back into `out` are asynchronous
+    return out
