@@ -112,11 +112,24 @@ class EngineClient(QObject):
         return request_id
 
     # ------------------------------------------------------------------ requests
-    def plan(self, model_dir: Path, gpu_budget_bytes: int | None, context_length: int) -> str:
-        """Validate a folder and compute its placement plan; failures go to model_status."""
+    def plan(
+        self,
+        model_dir: Path,
+        gpu_budget_bytes: int | None,
+        context_length: int,
+        host_format: str = "auto",
+    ) -> str:
+        """Validate a folder and compute its placement plan; failures go to model_status.
+
+        `host_format` is how the offloaded experts would be held: "auto" (8-bit) or "int4".
+        """
         self._plan_id = self._submit(
             lambda rid: api.PlanModel(
-                rid, model_dir, gpu_budget_bytes=gpu_budget_bytes, context_length=context_length
+                rid,
+                model_dir,
+                gpu_budget_bytes=gpu_budget_bytes,
+                context_length=context_length,
+                host_format=host_format,
             )
         )
         return self._plan_id
@@ -128,6 +141,7 @@ class EngineClient(QObject):
         create_demo: bool = False,
         gpu_budget_bytes: int | None = None,
         context_length: int = 32768,
+        host_format: str = "auto",
         snapshot_dir: Path | None = None,
     ) -> str:
         """Load a model folder (or write and load the demo); progress goes to model_status."""
@@ -139,6 +153,7 @@ class EngineClient(QObject):
                 model_dir,
                 gpu_budget_bytes=gpu_budget_bytes,
                 context_length=context_length,
+                host_format=host_format,
                 create_demo=create_demo,
                 snapshot_dir=snapshot_dir,
             )
@@ -252,6 +267,9 @@ class EngineClient(QObject):
         if isinstance(event, api.PlanReady):
             status.plan = event
             status.plan_changed.emit(event)
+            if status.error and not status.is_loading:  # settings that plan fine clear it
+                status.error = ""
+                status.set_state(status.state)  # tells views to drop the message
         elif isinstance(event, api.LoadProgress):
             status.progress_changed.emit(event)
         elif isinstance(event, api.ModelLoaded):
@@ -260,7 +278,10 @@ class EngineClient(QObject):
         elif isinstance(event, api.ResourceUsage):
             status.resources_changed.emit(event)
         elif isinstance(event, api.Failed):  # of a load or a plan
-            status.error = describe_failure(event.kind, event.user_message)
+            if event.request_id == self._plan_id:
+                status.plan = None  # no plan for these settings: views drop the last one
+                status.plan_changed.emit(None)
+            status.error = describe_failure(event.kind, event.user_message, about_model=True)
             status.load_failed.emit(status.error)
         elif isinstance(event, api.Finished) and event.request_id == self._load_id:
             status.is_loading = False

@@ -38,10 +38,22 @@ _ADVICE = {
     "InternalError": "Your conversation is saved. Try again; report this if it repeats.",
 }
 
+# Instead, when a model's plan or load failed.
+_MODEL_ADVICE = {
+    "InputError": "Change the settings in the model panel (Ctrl+M), then check the plan again.",
+    "OutOfMemoryError": (
+        "Lower the VRAM budget or the context length, or choose 4-bit expert precision, "
+        "in the model panel (Ctrl+M)."
+    ),
+}
 
-def describe_failure(kind: str, user_message: str) -> str:
-    """Return the text shown for an engine `Failed` event: the message plus what to do."""
-    advice = _ADVICE.get(kind, "")
+
+def describe_failure(kind: str, user_message: str, *, about_model: bool = False) -> str:
+    """Return the text shown for an engine `Failed` event: the message plus what to do.
+
+    `about_model`: the failure is of a model plan or load (advice points at the model panel).
+    """
+    advice = (about_model and _MODEL_ADVICE.get(kind)) or _ADVICE.get(kind, "")
     if not advice or advice in user_message:
         return user_message
     return f"{user_message}\n\n{advice}"

@@ -125,8 +125,9 @@ class MainWindow(QMainWindow):
         splitter.setStretchFactor(1, 1)
         self.setCentralWidget(splitter)
         self.model_panel = ModelPanel(self.model_status, self)
+        saved = self.settings
         self.model_panel.set_values(
-            self.settings.model_dir, self.settings.gpu_budget_gb, self.settings.context_length
+            saved.model_dir, saved.gpu_budget_gb, saved.context_length, saved.host_format
         )
         self.model_dock = QDockWidget("Model", self)
         self.model_dock.setObjectName("modelDock")
@@ -199,6 +200,7 @@ class MainWindow(QMainWindow):
         panel.cancel_requested.connect(self.client.cancel_load)
         panel.unload_requested.connect(self.client.unload)
         panel.budget_changed.connect(self.on_model_panel_budget_changed)
+        panel.precision_changed.connect(self.on_model_panel_precision_changed)
         self.model_status.loaded_changed.connect(self.on_model_status_loaded_changed)
         self.conversation.answer_finished.connect(lambda _i: chat.count_context(composer.text()))
         self.conversation.reset.connect(lambda: chat.count_context(composer.text()))
@@ -220,11 +222,13 @@ class MainWindow(QMainWindow):
             model_dir,
             gpu_budget_bytes=self.model_panel.budget_bytes(),
             context_length=self.model_panel.context_length(),
+            host_format=self.model_panel.host_format(),
             snapshot_dir=snapshot_dir_for(self.data_dir),
         )
 
     @Slot()
     def load_demo(self) -> None:
+        # 8-bit experts whatever the panel says: the demo's tiny ones cannot be 4-bit.
         self._save_settings(replace(self.settings, use_demo=True))
         self.client.load(
             self.data_dir / "demo-model",
@@ -335,15 +339,20 @@ class MainWindow(QMainWindow):
 
     @Slot(Path)
     def on_model_panel_plan_requested(self, model_dir: Path) -> None:
-        self.client.plan(
-            model_dir, self.model_panel.budget_bytes(), self.model_panel.context_length()
-        )
+        p = self.model_panel
+        self.client.plan(model_dir, p.budget_bytes(), p.context_length(), p.host_format())
 
     @Slot(float, int)
     def on_model_panel_budget_changed(self, budget_gb: float, context_length: int) -> None:
         self._save_settings(
             replace(self.settings, gpu_budget_gb=budget_gb, context_length=context_length)
         )
+
+    @Slot(str)
+    def on_model_panel_precision_changed(self, host_format: str) -> None:
+        self._save_settings(replace(self.settings, host_format=host_format))
+        if self.model_panel.folder_edit.text().strip():  # show what the new format would do
+            self.on_model_panel_plan_requested(self.model_panel.folder())
 
     @Slot()
     def on_model_status_loaded_changed(self) -> None:

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 APP_NAME = "Quire"
 THEMES = ("system", "light", "dark")
+HOST_FORMATS = ("auto", "int4")  # offloaded experts: 8-bit (the engine's "auto") or 4-bit
 
 
 def default_data_dir() -> Path:
@@ -46,6 +47,7 @@ class Settings:
     use_demo: bool = False
     gpu_budget_gb: float = 0.0  # 0 = automatic
     context_length: int = 32768
+    host_format: str = "auto"  # one of HOST_FORMATS; sent as PlanModel/LoadModel.host_format
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> Settings:
@@ -53,6 +55,8 @@ class Settings:
         settings = cls(**{k: v for k, v in data.items() if k in known})  # type: ignore[arg-type]
         if settings.theme not in THEMES:
             settings.theme = "system"
+        if settings.host_format not in HOST_FORMATS:
+            settings.host_format = "auto"
         return settings
 
 

@@ -24,6 +24,16 @@ from app.state import ModelStatus
 from app.widgets.message_view import format_bytes
 
 CONTEXT_LENGTHS = (8192, 16384, 32768, 65536, 131072, 262144)
+# How the offloaded experts are held: the engine's host_format, and what the user reads.
+EXPERT_PRECISIONS = (
+    ("auto", "8-bit (most exact, default)"),
+    ("int4", "4-bit (faster on small GPUs, less exact)"),
+)
+PRECISION_TIP = (
+    "4-bit experts take just over half the memory of 8-bit ones, so the GPU caches more of them "
+    "and answers come faster, at a small cost in accuracy. Applies at the next load; some "
+    "models, like the demo, support only 8-bit."
+)
 GIB = 1024**3
 
 
@@ -40,6 +50,8 @@ def progress_text(done: int, total: int, elapsed_s: float, stage: str) -> str:
 
 
 def plan_text(plan: Any) -> str:
+    if plan is None:  # the last plan request failed: its message is shown below
+        return "No plan for these settings."
     verdict = "Fits" if plan.fits else "Does not fit"
     lines = [f"<b>{verdict}.</b> {plan.summary}", "<ul>"]
     for part in plan.parts:
@@ -60,6 +72,7 @@ class ModelPanel(QWidget):
     cancel_requested = Signal()
     unload_requested = Signal()
     budget_changed = Signal(float, int)  # GiB per GPU (0 = automatic), context length
+    precision_changed = Signal(str)  # host format: "auto" (8-bit) or "int4"
 
     def __init__(self, status: ModelStatus, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -88,8 +101,16 @@ class ModelPanel(QWidget):
         self.context_combo.setAccessibleName("Context length")
         for length in CONTEXT_LENGTHS:
             self.context_combo.addItem(f"{length // 1024}K tokens", length)
+        self.precision_combo = QComboBox(self)
+        self.precision_combo.setAccessibleName("Expert precision")
+        for host_format, text in EXPERT_PRECISIONS:
+            self.precision_combo.addItem(text, host_format)
+        self.precision_combo.setToolTip(PRECISION_TIP)
         self.budget_spin.valueChanged.connect(self._emit_budget)
         self.context_combo.currentIndexChanged.connect(self._emit_budget)
+        self.precision_combo.currentIndexChanged.connect(
+            lambda: self.precision_changed.emit(self.host_format())
+        )
         self.plan_button = QPushButton("Check plan", self)
         self.plan_button.clicked.connect(lambda: self._emit_for_folder(self.plan_requested))
         self.load_button = QPushButton("Load", self)
@@ -118,6 +139,7 @@ class ModelPanel(QWidget):
         form = QFormLayout()
         form.addRow("VRAM budget per GPU", self.budget_spin)
         form.addRow("Context length", self.context_combo)
+        form.addRow("Expert precision", self.precision_combo)
         buttons = QHBoxLayout()
         for button in (self.plan_button, self.load_button, self.cancel_button, self.unload_button):
             buttons.addWidget(button)
@@ -138,12 +160,15 @@ class ModelPanel(QWidget):
     def folder(self) -> Path:
         return Path(self.folder_edit.text().strip()).expanduser()
 
-    def set_values(self, folder: str, budget_gb: float, context_length: int) -> None:
+    def set_values(
+        self, folder: str, budget_gb: float, context_length: int, host_format: str = "auto"
+    ) -> None:
         self.folder_edit.setText(folder)
         self.folder_edit.setCursorPosition(0)
         self.budget_spin.setValue(budget_gb)
         index = self.context_combo.findData(context_length)
         self.context_combo.setCurrentIndex(index if index >= 0 else 2)
+        self.precision_combo.setCurrentIndex(max(0, self.precision_combo.findData(host_format)))
 
     def _emit_for_folder(self, signal: SignalInstance) -> None:
         if not self.folder_edit.text().strip():
@@ -157,6 +182,10 @@ class ModelPanel(QWidget):
 
     def context_length(self) -> int:
         return int(self.context_combo.currentData())
+
+    def host_format(self) -> str:
+        """The engine's host_format for the offloaded experts: "auto" (8-bit) or "int4"."""
+        return str(self.precision_combo.currentData())
 
     def _emit_budget(self) -> None:
         self.budget_changed.emit(self.budget_spin.value(), self.context_length())

@@ -35,6 +35,7 @@ class Script:
     page_tokens: int = 0  # CountTokens: tokens per included document page
     document_note: str = ""  # ReadDocument's note (e.g. a scanned PDF)
     page_texts: dict[int, str] = field(default_factory=dict)  # ReadPage answers, by page
+    int4_error: str = ""  # as a model that cannot use 4-bit experts: plans/loads asking fail
 
 
 class FakeEngine:
@@ -63,8 +64,11 @@ class FakeEngine:
             self.events.put_nowait(api.Finished(request.request_id, "stop"))
             return
         name = type(request).__name__
-        if name in self.script.failures:
-            kind, message = self.script.failures[name]
+        failure = self.script.failures.get(name)
+        if getattr(request, "host_format", "auto") == "int4" and self.script.int4_error:
+            failure = ("InputError", self.script.int4_error)
+        if failure is not None:
+            kind, message = failure
             events: list[Any] = [
                 api.Failed(request.request_id, kind, message),
                 api.Finished(request.request_id, "error"),

@@ -109,3 +109,48 @@ def test_read_page_round_trip(qtbot: Any, qasync_loop: asyncio.AbstractEventLoop
     assert blocker.args[0] == rid and blocker.args[1].text == "four"
     assert created[0].submitted == [api.ReadPage(rid, Path("doc.txt"), 4)]
     client.close()
+
+
+def test_plan_and_load_carry_the_expert_precision(
+    qtbot: Any, qasync_loop: asyncio.AbstractEventLoop
+) -> None:
+    created: list[FakeEngine] = []
+    status = ModelStatus()
+    client = EngineClient(status, fake_factory(created=created))
+    client.plan(Path("/m"), None, 8192)
+    client.plan(Path("/m"), 24 * 2**30, 8192, "int4")
+    client.load(Path("/m"), gpu_budget_bytes=24 * 2**30, host_format="int4")
+    qtbot.waitUntil(lambda: not status.is_loading, timeout=TIMEOUT_MS)
+    plans = [r for r in created[0].submitted if isinstance(r, api.PlanModel)]
+    assert [(p.gpu_budget_bytes, p.host_format) for p in plans] == [
+        (None, "auto"),
+        (24 * 2**30, "int4"),
+    ]
+    [load] = [r for r in created[0].submitted if isinstance(r, api.LoadModel)]
+    assert (load.model_dir, load.gpu_budget_bytes, load.host_format) == (
+        Path("/m"),
+        24 * 2**30,
+        "int4",
+    )
+    client.close()
+
+
+def test_a_failed_plan_drops_the_last_one_and_a_good_plan_clears_the_error(
+    qtbot: Any, qasync_loop: asyncio.AbstractEventLoop
+) -> None:
+    from tests.app.fake_engine import Script
+
+    status = ModelStatus()
+    client = EngineClient(status, fake_factory(Script(int4_error="No 4-bit here.")))
+    plans: list[Any] = []
+    status.plan_changed.connect(plans.append)
+    client.plan(Path("/m"), None, 8192)
+    qtbot.waitUntil(lambda: status.plan is not None, timeout=TIMEOUT_MS)
+    with qtbot.wait_signal(status.load_failed, timeout=TIMEOUT_MS):
+        client.plan(Path("/m"), None, 8192, "int4")
+    assert status.plan is None and plans[-1] is None
+    assert status.error.startswith("No 4-bit here.") and "model panel" in status.error
+    with qtbot.wait_signal(status.state_changed, timeout=TIMEOUT_MS):
+        client.plan(Path("/m"), None, 8192, "auto")
+    assert status.error == "" and status.plan is plans[-1] and plans[-1].fits
+    client.close()

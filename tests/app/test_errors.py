@@ -30,3 +30,13 @@ def test_crash_hook_shows_the_traceback(monkeypatch: pytest.MonkeyPatch) -> None
     except ValueError as exc:
         sys.excepthook(type(exc), exc, exc.__traceback__)
     assert "ValueError: boom" in shown[0] and "Traceback" in shown[0]
+
+
+def test_model_failures_point_at_the_model_panel() -> None:
+    message = "4-bit experts (host format int4) need ... Choose 8-bit experts."
+    text = describe_failure("InputError", message, about_model=True)
+    assert text.startswith(message) and "model panel (Ctrl+M)" in text and "Shorten" not in text
+    assert "Shorten the message" in describe_failure("InputError", "The message is empty.")
+    text = describe_failure("OutOfMemoryError", "Does not fit.", about_model=True)
+    assert "VRAM budget" in text and "4-bit expert precision" in text
+    assert describe_failure("SomethingNew", "As is.", about_model=True) == "As is."

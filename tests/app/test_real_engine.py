@@ -125,3 +125,18 @@ def test_real_engine_refuses_a_folder_without_a_model(
     assert "not-a-model" in window.model_status.error
     assert window.banner.objectName() == "banner_error"
     assert window.model_status.error.replace("\n", "<br>") in window.banner.label.text()
+
+
+def test_demo_cannot_use_4_bit_experts_and_says_so(
+    qtbot: Any, real_window: Any, demo_dir: Path
+) -> None:
+    panel = real_window.model_panel
+    panel.folder_edit.setText(str(demo_dir))
+    panel.precision_combo.setCurrentIndex(panel.precision_combo.findData("int4"))
+    qtbot.waitUntil(lambda: "4-bit experts" in panel.error_label.text(), timeout=ANSWER_TIMEOUT_MS)
+    assert "Choose 8-bit experts" in panel.error_label.text()
+    assert panel.plan_label.text() == "No plan for these settings."
+    assert real_window.model_status.is_loaded  # a failed plan leaves the loaded model alone
+    panel.precision_combo.setCurrentIndex(panel.precision_combo.findData("auto"))
+    qtbot.waitUntil(lambda: panel.error_label.text() == "", timeout=ANSWER_TIMEOUT_MS)
+    assert "Fits" in panel.plan_label.text()

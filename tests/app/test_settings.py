@@ -74,3 +74,17 @@ def test_loads_ask_the_engine_to_keep_document_prefixes(make_window, tmp_path):
     window.load_demo()
     loads = [r for e in created for r in e.submitted if isinstance(r, api.LoadModel)]
     assert loads and loads[-1].snapshot_dir == tmp_path / "cache" / "kv-snapshots"
+
+
+def test_expert_precision_defaults_to_8_bit_and_round_trips(tmp_path: Path) -> None:
+    path = tmp_path / "settings.json"
+    path.write_text('{"gpu_budget_gb": 24.0}')  # written before the option existed
+    file = SettingsFile(tmp_path)
+    assert file.load().host_format == "auto" and file.load().gpu_budget_gb == 24.0
+    file.save(replace(file.load(), host_format="int4"))
+    assert json.loads(path.read_text())["host_format"] == "int4"
+    assert file.load().host_format == "int4"
+    for unknown in ('"int3"', '"INT4"', "4", "null", "[]"):
+        path.write_text(f'{{"host_format": {unknown}, "top_p": 0.5}}')
+        settings = file.load()
+        assert settings.host_format == "auto" and settings.top_p == 0.5, unknown

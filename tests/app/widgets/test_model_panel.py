@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from PySide6.QtCore import Qt
 
 from app.widgets.model_panel import progress_text
+from engine import api
+from tests.app.fake_engine import Script
 from tests.app.helpers import TIMEOUT_MS
+
+INT4_ERROR = (
+    "4-bit experts (host format int4) need matrices whose rows are a multiple of 64 and inputs "
+    "a multiple of 64; this model has 96x40. Choose 8-bit experts (host format auto, fp8 or int8)."
+)
 
 
 def test_progress_text() -> None:
@@ -77,3 +85,92 @@ def test_load_without_a_folder_asks_for_one(qtbot: Any, make_window: Any) -> Non
         window.model_panel.load_button.click()
     assert "Choose the model folder first" in window.model_panel.error_label.text()
     assert not window.client.is_started
+
+
+def submitted(engines: list[Any], kind: type) -> list[Any]:
+    return [r for engine in engines for r in engine.submitted if isinstance(r, kind)]
+
+
+def test_expert_precision_offers_8_and_4_bit(qtbot: Any, make_window: Any) -> None:
+    panel = make_window().model_panel
+    combo = panel.precision_combo
+    options = [(combo.itemData(i), combo.itemText(i)) for i in range(combo.count())]
+    assert [data for data, _text in options] == ["auto", "int4"]
+    assert "8-bit" in options[0][1] and "default" in options[0][1]
+    assert "4-bit" in options[1][1] and "faster" in options[1][1]
+    assert "faster" in combo.toolTip() and "accuracy" in combo.toolTip()
+    assert combo.accessibleName() == "Expert precision" and panel.host_format() == "auto"
+
+
+def test_precision_change_replans_is_saved_loads_and_is_restored(
+    qtbot: Any, make_window: Any, data_dir: Path, tmp_path: Path
+) -> None:
+    created: list[Any] = []
+    window = make_window(created=created)
+    window.model_dock.show()
+    panel = window.model_panel
+    panel.folder_edit.setText(str(tmp_path))
+    panel.plan_button.click()
+    qtbot.waitUntil(lambda: "Fits" in panel.plan_label.text(), timeout=TIMEOUT_MS)
+    panel.precision_combo.setFocus()
+    qtbot.keyClick(panel.precision_combo, Qt.Key.Key_Down)  # as the user picks 4-bit
+    assert panel.host_format() == "int4"
+    plans = submitted(created, api.PlanModel)
+    assert [(p.model_dir, p.host_format) for p in plans] == [(tmp_path, "auto"), (tmp_path, "int4")]
+    assert json.loads(window.settings_file.path.read_text())["host_format"] == "int4"
+    panel.load_button.click()
+    qtbot.waitUntil(lambda: window.model_status.is_loaded, timeout=TIMEOUT_MS)
+    assert [load.host_format for load in submitted(created, api.LoadModel)] == ["int4"]
+    window.close()
+    again_created: list[Any] = []
+    again = make_window(directory=data_dir, created=again_created)
+    assert again.model_panel.host_format() == "int4"
+    assert "4-bit" in again.model_panel.precision_combo.currentText()
+    again.start()  # loads the folder used last time, as it was loaded
+    qtbot.waitUntil(lambda: again.model_status.is_loaded, timeout=TIMEOUT_MS)
+    [load] = submitted(again_created, api.LoadModel)
+    assert (load.model_dir, load.host_format) == (tmp_path, "int4")
+
+
+def test_precision_without_a_folder_is_saved_without_planning(qtbot: Any, make_window: Any) -> None:
+    window = make_window()
+    window.model_panel.folder_edit.clear()
+    window.model_panel.precision_combo.setCurrentIndex(1)
+    assert window.settings.host_format == "int4" and not window.client.is_started
+    assert window.model_panel.error_label.text() == ""
+
+
+def test_demo_loads_8_bit_whatever_the_choice(qtbot: Any, make_window: Any) -> None:
+    created: list[Any] = []
+    window = make_window(created=created)
+    window.model_panel.precision_combo.setCurrentIndex(1)
+    window.load_demo()
+    qtbot.waitUntil(lambda: window.model_status.is_demo, timeout=TIMEOUT_MS)
+    [load] = submitted(created, api.LoadModel)
+    assert load.create_demo and load.host_format == "auto"
+
+
+def test_a_model_that_cannot_use_4_bit_says_so_and_recovers(
+    qtbot: Any, make_window: Any, tmp_path: Path
+) -> None:
+    window = make_window(script=Script(int4_error=INT4_ERROR))
+    panel = window.model_panel
+    panel.folder_edit.setText(str(tmp_path))
+    panel.plan_button.click()
+    qtbot.waitUntil(lambda: "Fits" in panel.plan_label.text(), timeout=TIMEOUT_MS)
+    panel.precision_combo.setCurrentIndex(1)
+    qtbot.waitUntil(lambda: INT4_ERROR in panel.error_label.text(), timeout=TIMEOUT_MS)
+    assert "model panel (Ctrl+M)" in panel.error_label.text()
+    assert "Shorten" not in panel.error_label.text()
+    assert panel.plan_label.text() == "No plan for these settings."  # not the 8-bit plan
+    assert window.banner.isVisible() and "4-bit experts" in window.banner.label.text()
+    panel.precision_combo.setCurrentIndex(0)
+    qtbot.waitUntil(lambda: "Fits" in panel.plan_label.text(), timeout=TIMEOUT_MS)
+    assert panel.error_label.text() == "" and "4-bit" not in window.banner.label.text()
+    panel.precision_combo.setCurrentIndex(1)
+    panel.load_button.click()
+    qtbot.waitUntil(
+        lambda: not window.model_status.is_loading and INT4_ERROR in panel.error_label.text(),
+        timeout=TIMEOUT_MS,
+    )
+    assert not window.model_status.is_loaded and panel.load_button.isEnabled()
