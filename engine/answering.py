@@ -43,7 +43,7 @@ def answer(model, req: api.Ask, emit: Emit, is_cancelled: Callable[[], bool]) ->
         emit(event(rid, delta.text))
     result = gen.result
     model.keep_cache(req.session, prompt, result.output_ids, cache)
-    counters = getattr(model.experts, "counters", lambda: {})()
+    counters = model.experts.counters()
     emit(result.stats.to_event(rid, counters))
     documents = [Path(p) for m in req.messages for p in m.documents]
     if documents and result.text:

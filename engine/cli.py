@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> dict:
             sys.stdout.flush()
     result = gen.result
     model.keep_cache(args.session, prompt, result.output_ids, cache)
-    counters = getattr(model.experts, "counters", lambda: {})()
+    counters = model.experts.counters()
     stats = asdict(result.stats.to_event("cli", counters))
     stats.pop("request_id")
     stats["finish_reason"] = result.finish_reason

@@ -160,9 +160,8 @@ class LoadedModel:
             if not self.config.vision:
                 raise InputError("This model has no vision encoder, so it cannot read images.")
             pixels = [torch.from_numpy(img.pixels) for img in prompt.images]
-            release = getattr(self.experts, "release_staging", None)  # offloaded backends only
-            if release is not None:  # the encoder borrows the prefill workspace (engine.placement)
-                release()
+            # The encoder borrows the prefill workspace (engine.placement).
+            self.experts.release_staging()
             feats = self.vision.encode(pixels).to(embeds.dtype)
             mask = (ids == IMG).to(embeds.device)
             embeds = embeds.clone()
@@ -211,9 +210,7 @@ class LoadedModel:
         if self.snapshots is not None:
             self.snapshots.close()  # finish queued snapshot writes
         self.sessions.clear()
-        close_experts = getattr(self.experts, "close", None)
-        if close_experts:
-            close_experts()
+        self.experts.close()
         self.ckpt.close()
 
 

@@ -111,7 +111,7 @@ def decode_run(model, depth: int, num_tokens: int, warmup: int, head_s: float,
     token = 1
     times = []
     for step in range(warmup + num_tokens):
-        if step == warmup and hasattr(model.experts, "reset_counters"):
+        if step == warmup:
             model.experts.reset_counters()
         sync_cuda()
         t0 = time.perf_counter()

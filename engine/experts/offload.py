@@ -32,7 +32,7 @@ from engine.experts.streaming import (
     experts_ahead,
     issue_ahead,
 )
-from engine.model.moe import Deferred, run_experts
+from engine.model.moe import Deferred, ExpertBackend, run_experts
 
 log = logging.getLogger(__name__)
 # At or above this many tokens in a forward (prefill chunks) a layer's experts are streamed
@@ -41,7 +41,7 @@ STREAM_MIN_TOKENS = 64
 POLICIES = {"lru": LRUPolicy, "lrfu": LRFUPolicy, "shift": ShiftLRFUPolicy}
 
 
-class OffloadedExperts:
+class OffloadedExperts(ExpertBackend):
     """Expert backend with `slots_per_layer` cached experts per layer (one count for every
     layer, or one per layer as the plan spreads them); the rest on the host."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from engine.checkpoint import Checkpoint
-from engine.model.moe import run_experts
+from engine.model.moe import ExpertBackend, run_experts
 from engine.model.names import layer_prefix
 from engine.quant import dequantize
 
@@ -22,7 +22,7 @@ def load_fused_experts(ckpt: Checkpoint, layer: int, dtype: torch.dtype
     return out[0], out[1]
 
 
-class ResidentExperts:
+class ResidentExperts(ExpertBackend):
     """Expert backend holding every expert of every layer on the layer's device."""
 
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, layer_devices: list[torch.device]) -> None:
@@ -40,10 +40,6 @@ class ResidentExperts:
         self.num_uses += top_idx.numel()
         gate_up, down = self.weights[layer]
         return run_experts(x, top_idx, top_weights, lambda e: (gate_up[e], down[e]))
-
-    def decode_step(self, layer: int, x: torch.Tensor, top_idx: torch.Tensor,
-                    top_weights: torch.Tensor, h: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
-        return h + (self.forward(layer, x, top_idx, top_weights) + shared)
 
     def counters(self) -> dict[str, float]:
         return {"hits": self.num_uses, "misses": 0, "hit_rate": 1.0, "bytes_copied": 0,

@@ -118,21 +118,19 @@ class DecoderModel:
             finally:
                 steps.end()
         tables: dict[torch.device, PositionTables] = {}  # made once per device, not per layer
-        begin_layer = getattr(self.experts, "begin_layer", None)  # offloaded backends only
         h = embeds
         for i, layer in enumerate(self.layers):
             if should_stop is not None and should_stop():
                 raise InterruptedError
             h = h.to(layer.device)
-            if begin_layer is not None:
-                begin_layer(i, num_tokens)
+            self.experts.begin_layer(i, num_tokens)
             if layer.device not in tables:
                 tables[layer.device] = PositionTables.build(
                     self.ropes[layer.device], cache.offset, num_tokens, h.dtype, layer.device)
             x = rms_norm(h, layer.input_layernorm, self.cfg.rms_norm_eps)
             h = h + mla_attention(self.cfg, layer.attn, x, tables[layer.device], cache, i, absorb)
             x = rms_norm(h, layer.post_attention_layernorm, self.cfg.rms_norm_eps)
-            if num_tokens == 1 and getattr(self.experts, "prefetch_enabled", False):
+            if num_tokens == 1 and self.experts.prefetch_enabled:
                 self._predict_next_layer(i, h)
             h = h + moe_block(self.cfg, layer.moe, x, i, self.experts)
         cache.commit(num_tokens)
@@ -147,7 +145,7 @@ class DecoderModel:
     def _decode_static(self, embeds: torch.Tensor, cache: LatentKVCache, steps: DecodeSteps,
                        should_stop: Callable[[], bool] | None) -> torch.Tensor:
         """One token through the static decode steps; the routed experts between them as usual."""
-        prefetch = getattr(self.experts, "prefetch_enabled", False)
+        prefetch = self.experts.prefetch_enabled
         h = embeds
         for i, layer in enumerate(self.layers):
             if should_stop is not None and should_stop():

@@ -7,7 +7,6 @@ Glossary: T tokens, H hidden, E experts, K experts per token, G groups, I expert
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -16,17 +15,45 @@ from engine.model.config import ModelConfig
 from engine.model.layers import gated_mlp
 
 
-class ExpertBackend(Protocol):
-    """Computes the routed experts of one layer for a batch of tokens."""
+class ExpertBackend:
+    """The routed experts of every layer, behind one interface: what the decoder, the runtime
+    and the benchmark ask of a backend, with the defaults of one that holds every expert where it
+    computes (engine.experts.resident). The offloaded one (engine.experts.offload) overrides the
+    hooks it needs, so callers call them unconditionally."""
 
     def forward(self, layer: int, x: torch.Tensor, top_idx: torch.Tensor,
-                top_weights: torch.Tensor) -> torch.Tensor:  # [T,H],[T,K],[T,K] -> [T,H]
-        ...
+                top_weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H], the router's choices top_idx [T, k] and weights [T, k] -> [T, H]."""
+        raise NotImplementedError
 
     def decode_step(self, layer: int, x: torch.Tensor, top_idx: torch.Tensor,
                     top_weights: torch.Tensor, h: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
-        """One token's routed experts and the layer's end: h + (routed + shared), [1, H]."""
-        ...
+        """One decode token's routed experts, then the layer's end: h + (routed + shared)."""
+        return h + (self.forward(layer, x, top_idx, top_weights) + shared)
+
+    @property
+    def prefetch_enabled(self) -> bool:
+        """Whether the decoder should predict each next layer's experts (and call expect)."""
+        return False
+
+    def expect(self, layer: int, predicted_idx: torch.Tensor) -> None:
+        """The experts `layer` is predicted to choose for the next decode token."""
+
+    def begin_layer(self, layer: int, num_tokens: int) -> None:
+        """A chunk of num_tokens is about to enter `layer` (before its attention)."""
+
+    def release_staging(self) -> None:
+        """Free any transient GPU buffers (the vision encoder borrows the workspace)."""
+
+    def counters(self) -> dict[str, float]:
+        """Cache and traffic counters for stats and the benchmark."""
+        return {}
+
+    def reset_counters(self) -> None:
+        """Start counting afresh (after a benchmark's warm-up)."""
+
+    def close(self) -> None:
+        """Stop any worker threads."""
 
 
 @dataclass
