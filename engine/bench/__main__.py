@@ -170,12 +170,13 @@ def run(args: argparse.Namespace) -> dict:
         out["results"].append(followup_run(model, depth, args.question_tokens, args.chunk,
                                            args.work_dir / "snapshots", head_s, REAL_LAYERS))
     out["host_format"] = model.experts.store.fmt  # "auto" resolved, after any RAM fallback
+    out["expert_bytes"] = model.experts.store.layers[0].expert_bytes()  # in that format
     out["attention_kernels"] = {f"{dev} {dtype}".replace("torch.", ""): kernel
                                 for (dev, dtype), kernel in fused_attention._checked.items()}
     steps = model.decoder.decode_steps
     out["cuda_graphs"] = steps is not None and not steps.failed
     out["ceiling"] = ceiling(out["machine"], decode[0] if decode else None, cfg, args,
-                             out["host_format"], model.experts.store.layers[0].expert_bytes())
+                             out["host_format"], out["expert_bytes"])
     if args.baseline == "hf":
         from engine.bench.baseline import hf_decode
 

@@ -68,3 +68,21 @@ def test_bench_with_prefetch_and_another_policy(tiny_checkpoint, tmp_path):
     report = (tmp_path / "decode.profile.txt").read_text()  # --profile without --out
     assert result["profile_file"] == str(tmp_path / "decode.profile.txt")
     assert "by host time" in report and "aten::" in report
+
+
+def test_bench_measures_the_int4_format(make_tiny, tmp_path):
+    """--host-format int4 reaches the store; the JSON says so, with the format's expert size and
+    the CPU's int4 rate; mmap with a requantised format is refused before any work."""
+    folder = make_tiny(moe_intermediate=64)
+    args = [sys.executable, "-m", "engine.bench", "--model", str(folder), "--device", "cpu",
+            "--depth", "0", "--prefill", "", "--tokens", "4", "--warmup", "1", "--routing", "random",
+            "--expert-cache-slots", "2", "--host-format", "int4", "--work-dir", str(tmp_path)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["host_format"] == "int4"
+    fp8_bytes = 3 * 64 * 64  # hidden 64, expert width 64, one byte per weight
+    assert result["expert_bytes"] == fp8_bytes * 9 // 16
+    assert set(result["machine"]["cpu_expert_bytes_per_s"]) == {"fp8", "int8", "int4"}
+    refused = subprocess.run(args + ["--host-mode", "mmap"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--host-mode pinned" in refused.stderr
