@@ -26,8 +26,8 @@ from app.widgets.message_view import format_bytes
 CONTEXT_LENGTHS = (8192, 16384, 32768, 65536, 131072, 262144)
 # How the offloaded experts are held: the engine's host_format, and what the user reads.
 EXPERT_PRECISIONS = (
-    ("auto", "8-bit (most exact, default)"),
-    ("int4", "4-bit (faster on small GPUs, less exact)"),
+    ("auto", "8-bit (exact, default)"),
+    ("int4", "4-bit (faster, less exact)"),
 )
 PRECISION_TIP = (
     "4-bit experts take just over half the memory of 8-bit ones, so the GPU caches more of them "
