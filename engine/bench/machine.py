@@ -100,8 +100,7 @@ def cpu_expert_bandwidth(hidden: int, width: int, dtype: torch.dtype, fmt: str =
                          num_experts: int = 4) -> float:
     """Bytes of expert weights per second the CPU path consumes for one token, by host format."""
     seconds = _cpu_expert_seconds(hidden, width, dtype, fmt, num_experts, 1)
-    expert_bytes = 3 * hidden * width if fmt != "int4" else \
-        2 * width * int4.blob_width(hidden) + hidden * int4.blob_width(width)  # 0.56x
+    expert_bytes = 3 * hidden * width if fmt != "int4" else int4.expert_bytes(hidden, width)
     return num_experts * expert_bytes / seconds
 
 

@@ -37,6 +37,11 @@ def blob_width(k: int) -> int:
     return k // 2 + 4 * k // GROUP
 
 
+def expert_bytes(hidden: int, width: int) -> int:
+    """Bytes of one expert's blobs: gate_up [2I, H] and down [H, I]."""
+    return 2 * width * blob_width(hidden) + hidden * blob_width(width)
+
+
 def matrix_shape(blob: torch.Tensor) -> tuple[int, int]:
     """(N, K) of the matrix a blob [N, width] (or a stack [..., N, width]) holds."""
     n, width = blob.shape[-2:]
@@ -88,11 +93,12 @@ def quantize(weights: torch.Tensor, multiplier: float = 1.0, out: torch.Tensor |
     per_scale = 1.0 / scale.float().clamp(min=1e-30)  # a constant group has scale 0: codes 8
     inv, bias = per_scale * multiplier, 8 - offset.float() * per_scale
     codes = torch.addcmul(bias[..., None], groups, inv[..., None]).round_().clamp_(0, MAX_CODE)
-    blob = torch.empty((n, blob_width(k)), dtype=torch.uint8, device=weights.device)
+    here = out is not None and out.device == weights.device  # else made here, then copied over
+    blob = out if here else torch.empty((n, blob_width(k)), dtype=torch.uint8, device=weights.device)
     codes_view, scales_view = split(blob)
     codes_view.copy_(pack_codes(codes.reshape(n, k).to(torch.uint8)))
     scales_view.copy_(torch.stack([scale, offset], dim=-1).transpose(0, 1))  # [G, N, 2]
-    if out is None:
+    if out is None or here:
         return blob
     return out.copy_(blob, non_blocking=blob.is_cuda)
 

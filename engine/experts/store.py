@@ -22,6 +22,7 @@ import torch
 
 from engine.checkpoint import Checkpoint, TensorInfo
 from engine.experts import int4
+from engine.experts.pinned import host_empty
 from engine.model.names import layer_prefix
 from engine.quant import FP8_DTYPE
 
@@ -95,14 +96,14 @@ class HostExpertStore:
             if self.mode == "mmap":  # FP8 only (int8 needs RAM, see __init__)
                 tensors.append(mapped)
             elif self.fmt == "int8":  # requantised straight into the (pinned) host tensor
-                host = torch.empty(mapped.shape, dtype=torch.int8, pin_memory=self.mode == "pinned")
+                host = host_empty(mapped.shape, torch.int8, self.mode == "pinned")
                 scale = requantize_int8(mapped, scale, out=host)[1]
                 tensors.append(host)
             elif self.fmt == "int4":
                 tensors.append(requantize_int4(mapped, scale, self.mode == "pinned", self.quantize_device))
                 scale = torch.empty((num_experts, 0))
             else:
-                host = torch.empty(mapped.shape, dtype=mapped.dtype, pin_memory=self.mode == "pinned")
+                host = host_empty(mapped.shape, mapped.dtype, self.mode == "pinned")
                 host.copy_(mapped)  # straight from the page cache into (pinned) RAM
                 tensors.append(host)
             scales.append(scale)
@@ -138,14 +139,16 @@ def requantize_int4(weights: torch.Tensor, scales: torch.Tensor, pin: bool = Fal
                     device: torch.device | None = None) -> torch.Tensor:
     """FP8 (or bf16) [E, R, C] with per-expert multipliers [E] -> int4 blobs uint8 [E, R, width]
     (engine.experts.int4), one expert at a time so the temporaries stay small. On a CUDA
-    `device` each expert is quantised there: ~0.3 s per expert on two CPU cores (36 minutes for
+    `device` each expert is quantised there: ~0.14 s per expert on two CPU cores (10 minutes for
     the whole model) becomes a copy each way."""
     num_experts, rows, cols = weights.shape
     int4.check_shape(rows, cols)
-    out = torch.empty((num_experts, rows, int4.blob_width(cols)), dtype=torch.uint8, pin_memory=pin)
+    out = host_empty((num_experts, rows, int4.blob_width(cols)), torch.uint8, pin)
     for e in range(num_experts):
         w = weights[e] if device is None else weights[e].to(device, non_blocking=pin)
         int4.quantize(w, float(scales[e]), out=out[e])
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)  # the last copies back into `out` are asynchronous
+        # The fp32 temporaries' blocks would stay reserved, too small for the slots made next.
+        torch.cuda.empty_cache()
     return out

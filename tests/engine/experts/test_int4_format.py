@@ -3,7 +3,7 @@
 Tolerances: min-max rounding to 16 levels errs by at most half a step (scale / 2) per weight,
 plus the bf16 rounding of scale and offset (2^-8 relative, times at most 8 steps and the offset).
 PyTorch's CPU int4 kernel against the dequantised matrix: 1e-4 relative in fp32 (it reorders
-sums), 2e-2 relative in bf16 (its bf16 output rounding).
+sums), 5e-3 relative in bf16 (its bf16 output rounding; 2.8e-3 seen up to 300 x 4096 x 2048).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def test_widths_the_layout_cannot_take_are_refused():
         int4.matrix_shape(torch.zeros(64, 70, dtype=torch.uint8))
 
 
-@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-3)])
 def test_the_cpu_kernel_computes_the_dequantised_matmul(dtype, rtol):
     assert int4.cpu_kernel_matches()  # PyTorch 2.13 packs as we do
     blob = int4.quantize(_weights())

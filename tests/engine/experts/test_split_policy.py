@@ -78,7 +78,7 @@ def test_int4_experts_more_than_halve_the_miss_time_at_24_gib(routing):
     from engine.placement import GpuInfo, ModelShape, plan_placement
 
     fp8_shape = ModelShape.for_mistral_small_4()
-    int4_bytes = 2 * 2048 * int4.blob_width(4096) + 4096 * int4.blob_width(2048)
+    int4_bytes = int4.expert_bytes(4096, 2048)
     int4_shape = replace(fp8_shape, expert_bytes=int4_bytes, host_expert_bytes=int4_bytes * 4608)
     h100 = GpuInfo(0, "NVIDIA H100 80GB HBM3", 85_520_000_000, 84_900_000_000)
     plans = [plan_placement(shape, [h100], host_available_bytes=240 * 10**9, context_length=32768,
