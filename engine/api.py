@@ -181,6 +181,8 @@ class PlanReady:
     parts: tuple[PlanPart, ...] = ()
     host_bytes: int = 0
     gpu_bytes: int = 0
+    # What the other expert precision would give, to help choose: "With 4-bit experts: ..."
+    alternative: str = ""
 
 
 @dataclass(frozen=True)

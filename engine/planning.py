@@ -85,13 +85,38 @@ def make_plan(ckpt: Checkpoint, device: str, gpu_budget_bytes: int | None, conte
 
 def plan_for_folder(req: api.PlanModel) -> api.PlanReady:
     ckpt = Checkpoint.open(Path(req.model_dir).expanduser())
-    plan, fmt = plan_in_format(req.host_format, lambda f: make_plan(
-        ckpt, req.device, req.gpu_budget_bytes, req.context_length, host_format=f))
+    def plan_for(host_format: str) -> PlacementPlan:
+        return make_plan(ckpt, req.device, req.gpu_budget_bytes, req.context_length,
+                         host_format=host_format)
+
+    plan, fmt = plan_in_format(req.host_format, plan_for)
     parts = tuple(api.PlanPart(dev, what, int(n)) for dev, what, n in plan.to_parts())
     gpu_bytes = sum(t.used_bytes for t in plan.targets if t.is_gpu)
     host = plan.shape.host_expert_bytes if plan.host_store == "pinned" else 0
     summary = plan.summary() if fmt == req.host_format else f"{INT4_NEEDS_RAM}: {plan.summary()}"
-    return api.PlanReady(req.request_id, Path(req.model_dir), plan.fits, summary, parts, host, gpu_bytes)
+    return api.PlanReady(req.request_id, Path(req.model_dir), plan.fits, summary, parts, host,
+                         gpu_bytes, _other_precision(ckpt, plan, fmt, plan_for))
+
+
+def _other_precision(ckpt: Checkpoint, plan: PlacementPlan, fmt: str,
+                     plan_for: Callable[[str], PlacementPlan]) -> str:
+    """One sentence on what the other expert precision would cache on the GPUs ("" where it
+    does not apply: no GPU, a model int4 cannot take, or RAM too short for int4)."""
+    if not any(t.is_gpu for t in plan.targets):
+        return ""
+    other = "fp8" if fmt == "int4" else "int4"
+    shape = ckpt.config
+    if other == "int4" and not (int4.supports(2 * shape.moe_intermediate_size, shape.hidden_size)
+                                and int4.supports(shape.hidden_size, shape.moe_intermediate_size)):
+        return ""
+    alt = plan_for(other)
+    if other == "int4" and alt.host_store != "pinned":
+        return ""
+    name = "4-bit experts (faster, less exact)" if other == "int4" else "8-bit experts (exact)"
+    verdict = f"{alt.num_expert_slots:,} of {alt.shape.num_total_experts:,} experts cached on the GPU" \
+        if alt.fits else "does not fit"
+    now = f", against {plan.num_expert_slots:,} now" if plan.fits else ""
+    return f"With {name}: {verdict}{now}."
 
 
 INT4_NEEDS_RAM = "4-bit experts need more free RAM than this machine has; planned with 8-bit ones"

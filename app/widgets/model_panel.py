@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,8 @@ def plan_text(plan: Any) -> str:
     lines.append(
         f"GPU memory {format_bytes(plan.gpu_bytes)}, host memory {format_bytes(plan.host_bytes)}."
     )
+    if plan.alternative:  # what the other expert precision would cache
+        lines.append(f"<br><i>{html.escape(plan.alternative)}</i>")
     return "".join(lines)
 
 

@@ -201,3 +201,37 @@ def test_cuda_bf16_int4_decode_runs_the_kernels(int4_checkpoint, monkeypatch):
     assert_close("cuda bf16 int4 offload", logits, expected, 0.25, mean_atol=0.03)
     assert combined and model.experts.counters()["hits"] > 0
     model.close()
+
+
+def test_the_plan_says_what_the_other_precision_would_cache(int4_checkpoint, tiny_checkpoint,
+                                                            monkeypatch):
+    """The app's preview helps choose: with 8-bit chosen it says what 4-bit would cache, and the
+    other way round; nothing where the choice does not apply (no GPU, widths int4 cannot take)."""
+    from engine import api, planning
+    from engine.placement import GpuInfo
+
+    gpu = GpuInfo(0, "H100", 85 * 10**9, 84 * 10**9)
+    monkeypatch.setattr(planning, "detect_host_memory", lambda: (256 * 10**9, 200 * 10**9))
+    monkeypatch.setattr(planning, "detect_gpus", lambda: [gpu])
+
+    from engine.checkpoint import Checkpoint
+
+    # A budget with room for 6 FP8 experts beside the dense part, KV and workspace: the two
+    # precisions then cache different numbers of the 16.
+    (target,) = planning.make_plan(Checkpoint.open(int4_checkpoint), "cuda", None, 32768).targets
+    budget = target.dense_bytes + target.kv_bytes + target.workspace_bytes + 6 * 3 * 64 * 64
+
+    def ready(folder, host_format):
+        return planning.plan_for_folder(api.PlanModel("p", folder, "cuda", gpu_budget_bytes=budget,
+                                                      host_format=host_format))
+
+    eight, four = ready(int4_checkpoint, "auto"), ready(int4_checkpoint, "int4")
+    slots = [int(p.what.split("(")[1].split()[0].replace(",", "")) for r in (eight, four)
+             for p in r.parts if p.what.startswith("expert cache")]
+    assert slots[0] < slots[1]
+    assert eight.alternative == (f"With 4-bit experts (faster, less exact): {slots[1]:,} of 16 "
+                                 f"experts cached on the GPU, against {slots[0]:,} now.")
+    assert four.alternative.startswith(f"With 8-bit experts (exact): {slots[0]:,} of 16 experts")
+    assert ready(tiny_checkpoint, "auto").alternative == ""  # 32-wide experts
+    monkeypatch.setattr(planning, "detect_gpus", lambda: [])
+    assert ready(int4_checkpoint, "auto").alternative == ""  # a CPU plan

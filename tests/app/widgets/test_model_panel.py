@@ -10,7 +10,7 @@ from PySide6.QtCore import Qt
 
 from app.widgets.model_panel import progress_text
 from engine import api
-from tests.app.fake_engine import Script
+from tests.app.fake_engine import EIGHT_BIT_HINT, FOUR_BIT_HINT, Script
 from tests.app.helpers import TIMEOUT_MS
 
 INT4_ERROR = (
@@ -112,9 +112,11 @@ def test_precision_change_replans_is_saved_loads_and_is_restored(
     panel.folder_edit.setText(str(tmp_path))
     panel.plan_button.click()
     qtbot.waitUntil(lambda: "Fits" in panel.plan_label.text(), timeout=TIMEOUT_MS)
+    assert FOUR_BIT_HINT in panel.plan_label.text()  # the preview says what 4-bit would cache
     panel.precision_combo.setFocus()
     qtbot.keyClick(panel.precision_combo, Qt.Key.Key_Down)  # as the user picks 4-bit
     assert panel.host_format() == "int4"
+    qtbot.waitUntil(lambda: EIGHT_BIT_HINT in panel.plan_label.text(), timeout=TIMEOUT_MS)
     plans = submitted(created, api.PlanModel)
     assert [(p.model_dir, p.host_format) for p in plans] == [(tmp_path, "auto"), (tmp_path, "int4")]
     assert json.loads(window.settings_file.path.read_text())["host_format"] == "int4"
