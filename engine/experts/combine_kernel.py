@@ -21,11 +21,11 @@ import logging
 
 import torch
 
-from engine.experts.fp8_kernel import INTERPRETED, KERNEL_AVAILABLE, TRITON_IMPORTED
+from engine.experts.fp8_kernel import INTERPRETED, TRITON_IMPORTED, usable_once
 
 log = logging.getLogger(__name__)
 BLOCK = 1024  # H=4096: 4 programs, each streaming its columns of the n outputs once
-_checked: dict[torch.device, bool] = {}
+_checked: dict[tuple[torch.device, None], bool] = {}
 
 if TRITON_IMPORTED:
     import triton
@@ -87,11 +87,7 @@ def eager_combine(ys: torch.Tensor, weights: torch.Tensor, order: list[int], sha
 
 def combine_usable(device: torch.device) -> bool:
     """True once `combine` has matched the eager path bit for bit on `device` (checked once)."""
-    if not KERNEL_AVAILABLE or INTERPRETED or device.type != "cuda":
-        return False
-    if device not in _checked:
-        _checked[device] = _self_test(device)
-    return _checked[device]
+    return usable_once(_checked, device, None, INTERPRETED, lambda: _self_test(device))
 
 
 def _self_test(device: torch.device) -> bool:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -208,23 +209,26 @@ def grouped_expert_forward(x: torch.Tensor, gate_up_slots: torch.Tensor, down_sl
     return _launch(gu, down_slots, dn_s, ids, down_slots.shape[1], gated=True, scale_ids=rows)
 
 
+def usable_once(checked: dict, device: torch.device, key, interpreted: bool,
+                self_test: Callable[[], bool]) -> bool:
+    """A kernel's verdict on `device`: self_test() the first time (per device and key), then
+    remembered. Never under the interpreter outside tests (it is numpy, thousands of times
+    slower; `interpreted` is the calling module's own flag) and never off CUDA."""
+    if not TRITON_IMPORTED or interpreted or device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    if (device, key) not in checked:
+        checked[device, key] = self_test()
+    return checked[device, key]
+
+
 def kernel_usable(device: torch.device, hidden: int, width: int) -> bool:
     """True once fp8_expert_forward has matched the eager path on `device` (checked once)."""
-    return _usable(device, hidden, width, grouped=False)
+    return usable_once(_checked, device, False, INTERPRETED, lambda: _self_test(device, hidden, width, False))
 
 
 def grouped_kernel_usable(device: torch.device, hidden: int, width: int) -> bool:
     """True once grouped_expert_forward has matched the eager path on `device` (checked once)."""
-    return _usable(device, hidden, width, grouped=True)
-
-
-def _usable(device: torch.device, hidden: int, width: int, grouped: bool) -> bool:
-    # Never under the interpreter outside tests: it is numpy, thousands of times slower.
-    if not KERNEL_AVAILABLE or INTERPRETED or device.type != "cuda":
-        return False
-    if (device, grouped) not in _checked:
-        _checked[device, grouped] = _self_test(device, hidden, width, grouped)
-    return _checked[device, grouped]
+    return usable_once(_checked, device, True, INTERPRETED, lambda: _self_test(device, hidden, width, True))
 
 
 def _self_test_experts(hidden: int, width: int) -> dict[str, tuple[torch.Tensor, ...]]:

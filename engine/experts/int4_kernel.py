@@ -41,6 +41,7 @@ from engine.experts.fp8_kernel import (
     NUM_WARPS,
     SELF_TEST_ATOL,
     TRITON_IMPORTED,
+    usable_once,
 )
 from engine.experts.fp8_kernel import MAX_TOKENS as MAX_TOKENS  # re-exported for callers
 from engine.experts.fp8_kernel import _check_tokens as check_tokens
@@ -186,23 +187,15 @@ def grouped_int4_expert_forward(x: torch.Tensor, gate_up_slots: torch.Tensor,
     return _launch(gu, down_slots, ids, gated=True)
 
 
-def kernel_usable(device: torch.device, hidden: int, width: int) -> bool:
-    """True once int4_expert_forward has matched the eager path on `device` (checked once)."""
-    return _usable(device, hidden, width, grouped=False)
+def kernel_usable(device: torch.device, hidden: int, width: int, grouped: bool = False) -> bool:
+    """True once int4_expert_forward (or, grouped, grouped_int4_expert_forward) has matched the
+    eager path on `device` (checked once)."""
+    return usable_once(_checked, device, grouped, INTERPRETED,
+                       lambda: _self_test(device, hidden, width, grouped))
 
 
 def grouped_kernel_usable(device: torch.device, hidden: int, width: int) -> bool:
-    """True once grouped_int4_expert_forward has matched the eager path on `device` (once)."""
-    return _usable(device, hidden, width, grouped=True)
-
-
-def _usable(device: torch.device, hidden: int, width: int, grouped: bool) -> bool:
-    # Never under the interpreter outside tests: it is numpy, thousands of times slower.
-    if not KERNEL_AVAILABLE or INTERPRETED or device.type != "cuda":
-        return False
-    if (device, grouped) not in _checked:
-        _checked[device, grouped] = _self_test(device, hidden, width, grouped)
-    return _checked[device, grouped]
+    return kernel_usable(device, hidden, width, grouped=True)
 
 
 def random_blobs(hidden: int, width: int, experts: int = 3,

@@ -17,6 +17,7 @@ from engine.experts import int4
 from engine.runtime import LoadedModel, LoadOptions
 from tests.helpers.assert_close import assert_close
 from tests.helpers.oracle import reference_model
+from tests.helpers.prefill_decode import prefill_then_decode
 
 INT4_ATOL = 1e-3
 IDS = [1, 306, 4658, 278, 6593, 310, 2834, 338, 1000, 2000] * 8  # 80 tokens: one streamed chunk
@@ -29,11 +30,7 @@ def int4_checkpoint(make_tiny):
 
 
 def _run(model: LoadedModel, prefill: int) -> torch.Tensor:
-    cache = model.decoder.new_cache()
-    outs = [model.forward(model.embed_ids(IDS[:prefill]), cache, logits_for="all")]
-    for t in range(prefill, len(IDS)):
-        outs.append(model.forward(model.embed_ids(IDS[t : t + 1]), cache, logits_for="all"))
-    return torch.cat(outs)
+    return prefill_then_decode(model, IDS, prefill)
 
 
 def _int4_model(ckpt, slots: int, **opts) -> LoadedModel:

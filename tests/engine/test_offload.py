@@ -16,6 +16,7 @@ from engine.generate import Generator
 from engine.runtime import LoadedModel, LoadOptions
 from tests.helpers.assert_close import assert_close
 from tests.helpers.oracle import reference_model
+from tests.helpers.prefill_decode import prefill_then_decode
 
 FP32_ATOL = 1e-4
 IDS = [1, 306, 4658, 278, 6593, 310, 2834, 338, 1000, 2000] * 8  # 80 tokens: one streamed chunk
@@ -29,12 +30,7 @@ def reference_logits(tiny_checkpoint):
 
 
 def _run(model: LoadedModel, prefill: int) -> torch.Tensor:
-    """Prefill `prefill` tokens in one chunk, then decode the rest one token at a time."""
-    cache = model.decoder.new_cache()
-    outs = [model.forward(model.embed_ids(IDS[:prefill]), cache, logits_for="all")]
-    for t in range(prefill, len(IDS)):
-        outs.append(model.forward(model.embed_ids(IDS[t : t + 1]), cache, logits_for="all"))
-    return torch.cat(outs)
+    return prefill_then_decode(model, IDS, prefill)
 
 
 @pytest.mark.parametrize("slots", [0, 1, 3])

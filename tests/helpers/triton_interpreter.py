@@ -9,6 +9,10 @@ from types import ModuleType
 
 import pytest
 
+# Triton < 3.8's interpreter turns one-element arrays into ints with int(): harmless, and numpy
+# deprecates it. Tested with Triton 3.6, 3.8 and 3.9. For a kernel test module's pytestmark.
+QUIET_INTERPRETER = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
 
 def interpreted_copy(module: ModuleType) -> ModuleType:
     """`module` imported again with TRITON_INTERPRET=1 (skips the test without Triton 3.6+)."""

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from engine.experts import combine_kernel
-from tests.helpers.triton_interpreter import interpreted_copy
+from tests.helpers.triton_interpreter import QUIET_INTERPRETER, interpreted_copy
 
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+pytestmark = QUIET_INTERPRETER
 
 
 @pytest.fixture(scope="module")

@@ -26,15 +26,13 @@ import torch
 from engine.experts import fp8_kernel
 from engine.experts.compute import dequant_expert, expert_forward
 from engine.experts.store import requantize_int8
-from tests.helpers.triton_interpreter import interpreted_copy
+from tests.helpers.triton_interpreter import QUIET_INTERPRETER, interpreted_copy
 
 TOL = 0.04
 SHAPES = [(64, 32), (72, 36)]  # (H, I); 72 and 36 are ragged for every block size used
 BLOCKS = {"default": (fp8_kernel.BLOCK_N, fp8_kernel.BLOCK_K), "small": (16, 32)}
 FORMATS = ["fp8", "int8"]
-# Triton < 3.8's interpreter turns one-element arrays into ints with int(): harmless, and numpy
-# deprecates it. Tested with Triton 3.6, 3.8 and 3.9.
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+pytestmark = QUIET_INTERPRETER
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,11 @@ import pytest
 import torch
 
 from engine.experts import int4, int4_kernel
-from tests.helpers.triton_interpreter import interpreted_copy
+from tests.helpers.triton_interpreter import QUIET_INTERPRETER, interpreted_copy
 
 TOL = 0.04
 SHAPES = [(128, 64), (64, 128)]  # (H, I): several row blocks and K steps in each matrix
-# Triton < 3.8's interpreter turns one-element arrays into ints with int(): harmless, and numpy
-# deprecates it.
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+pytestmark = QUIET_INTERPRETER
 
 
 @pytest.fixture(scope="module")
