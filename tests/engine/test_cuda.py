@@ -261,3 +261,20 @@ def test_cuda_largest_image_fits_the_workspace_the_plan_lends_the_encoder():
     peak = torch.cuda.max_memory_allocated() - before
     assert out.last_hidden_state.shape[-2:] == (110 * 110, 1024)
     assert peak <= VISION_ACTIVATION_BYTES, f"peak {peak / 2**30:.2f} GiB"
+
+
+def test_requantising_on_the_gpu_is_bit_identical_for_int8():
+    """A GPU load requantises the default int8 host format on the GPU: the same codes and row
+    scales as the CPU, bit for bit, into page-locked memory."""
+    from engine.experts.pinned import host_empty
+    from engine.experts.store import requantize_int8
+
+    gen = torch.Generator().manual_seed(6)
+    weights = (torch.randn(3, 128, 192, generator=gen) * 40).to(torch.float8_e4m3fn)
+    weights[1, 5] = 0  # an all-zero row keeps its tiny scale
+    scales = torch.tensor([0.01, 0.02, 0.005])
+    codes, rows = requantize_int8(weights, scales)
+    out = host_empty(tuple(weights.shape), torch.int8, pin=True)
+    gpu_codes, gpu_rows = requantize_int8(weights, scales, out, torch.device("cuda"))
+    assert gpu_codes.data_ptr() == out.data_ptr() and out.is_pinned()
+    assert torch.equal(gpu_codes, codes) and torch.equal(gpu_rows, rows) and gpu_rows.device.type == "cpu"
