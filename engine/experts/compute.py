@@ -14,11 +14,21 @@ from engine.experts import int4
 from engine.model.moe import expert_mlp
 from engine.quant import FP8_DTYPE
 
+QUANTISED = (FP8_DTYPE, torch.int8, torch.uint8)  # uint8: int4 blobs
+
 
 def dequant_expert(gate_up: torch.Tensor, gate_up_scale: torch.Tensor, down: torch.Tensor,
                    down_scale: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gate_up [2I, H], down [H, I]) in `dtype` on the weights' device."""
+    """(gate_up [2I, H], down [H, I]) in `dtype` on the weights' device; in bf16 on a GPU, by
+    one fused launch each (engine.experts.dequant_kernel, bit for bit the same) where it passed
+    its self-test."""
     def deq(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        if dtype == torch.bfloat16 and w.is_cuda and w.dtype in QUANTISED and w.is_contiguous():
+            # Imported here: dequant_kernel imports the kernels that import this module.
+            from engine.experts import dequant_kernel
+
+            if dequant_kernel.kernel_usable(w.device):
+                return dequant_kernel.dequantize_bf16(w, s)
         if w.dtype == torch.uint8:  # int4 blob: its scales are inside
             return int4.dequantize(w, dtype)
         s = s.to(device=w.device, dtype=torch.float32)
