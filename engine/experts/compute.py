@@ -14,7 +14,7 @@ from engine.experts import int4
 from engine.model.moe import expert_mlp
 from engine.quant import FP8_DTYPE
 
-QUANTISED = (FP8_DTYPE, torch.int8, torch.uint8)  # uint8: int4 blobs
+QUANTISED = {FP8_DTYPE: "fp8", torch.int8: "int8", torch.uint8: "int4"}  # uint8: int4 blobs
 
 
 def dequant_expert(gate_up: torch.Tensor, gate_up_scale: torch.Tensor, down: torch.Tensor,
@@ -27,7 +27,7 @@ def dequant_expert(gate_up: torch.Tensor, gate_up_scale: torch.Tensor, down: tor
             # Imported here: dequant_kernel imports the kernels that import this module.
             from engine.experts import dequant_kernel
 
-            if dequant_kernel.kernel_usable(w.device):
+            if dequant_kernel.kernel_usable(w.device, QUANTISED[w.dtype]):
                 return dequant_kernel.dequantize_bf16(w, s)
         if w.dtype == torch.uint8:  # int4 blob: its scales are inside
             return int4.dequantize(w, dtype)

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 BLOCK_N, BLOCK_K = 16, 512  # FP8/int8 tile: 8 KB in, 16 KB out; 4096x4096 is 2048 programs
 MAX_GROUPS = 4  # int4 groups per program: 8 KB of codes in, 32 KB out
 NUM_WARPS = 4
-_checked: dict[tuple[torch.device, None], bool] = {}
+_checked: dict[tuple[torch.device, str | None], bool] = {}
 
 if TRITON_IMPORTED:  # decorating is cheap; tests also compile it for sm_90 without a GPU
     import triton
@@ -221,12 +221,14 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.view(bits)[~nan], b.view(bits)[~nan])
 
 
-def kernel_usable(device: torch.device) -> bool:
-    """True once dequantize_bf16 has matched the eager path bit for bit on `device` on all three
-    formats (checked once per device). False off CUDA, without Triton, under the interpreter."""
+def kernel_usable(device: torch.device, fmt: str | None = None) -> bool:
+    """True once dequantize_bf16 has matched the eager path bit for bit on `device` for `fmt`
+    ("fp8", "int8" or "int4"; None: all three), checked once per device and format: a GPU whose
+    Triton has no E4M3 (before sm_89) keeps the kernel for int8 and int4. False off CUDA,
+    without Triton, under the interpreter."""
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    return usable_once(_checked, device, None, INTERPRETED, lambda: _self_test(device))
+    return usable_once(_checked, device, fmt, INTERPRETED, lambda: _self_test(device, fmt))
 
 
 def random_int4_blob(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -254,9 +256,11 @@ def self_test_cases() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
             "int4 (1 group a program)": (random_int4_blob(64, 320, gen), torch.empty(0))}
 
 
-def _self_test(device: torch.device) -> bool:
+def _self_test(device: torch.device, fmt: str | None = None) -> bool:
     try:
         for name, (weight, scale) in self_test_cases().items():
+            if fmt is not None and not name.startswith(fmt):
+                continue
             weight, scale = weight.to(device), scale.to(device)
             if not same_bits(dequantize_bf16(weight, scale), eager_dequantize(weight, scale)):
                 log.warning("dequantisation kernel differs from the eager path on %s (%s): "

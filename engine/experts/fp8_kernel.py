@@ -60,7 +60,7 @@ NUM_WARPS, NUM_STAGES = 4, 3
 # Explicit, so Triton 3.9 does not warn about its changing default; unfused like the interpreter.
 ENABLE_FP_FUSION = False
 SELF_TEST_ATOL = 0.05
-_checked: dict[tuple[torch.device, bool], bool] = {}
+_checked: dict[tuple[torch.device, tuple[bool, str]], bool] = {}
 
 if TRITON_IMPORTED:  # decorating is cheap; tests also compile it for sm_90 without a GPU
 
@@ -221,14 +221,17 @@ def usable_once(checked: dict, device: torch.device, key, interpreted: bool,
     return checked[device, key]
 
 
-def kernel_usable(device: torch.device, hidden: int, width: int) -> bool:
-    """True once fp8_expert_forward has matched the eager path on `device` (checked once)."""
-    return usable_once(_checked, device, False, INTERPRETED, lambda: _self_test(device, hidden, width, False))
+def kernel_usable(device: torch.device, hidden: int, width: int, fmt: str = "fp8",
+                  grouped: bool = False) -> bool:
+    """True once fp8_expert_forward (grouped: grouped_expert_forward) has matched the eager path
+    on `device` for weights in `fmt` ("fp8" or "int8"), checked once. Per format: a GPU whose
+    Triton has no E4M3 (before sm_89, e.g. an RTX 3090) still runs the int8 kernel."""
+    return usable_once(_checked, device, (grouped, fmt), INTERPRETED,
+                       lambda: _self_test(device, hidden, width, grouped, fmt))
 
 
-def grouped_kernel_usable(device: torch.device, hidden: int, width: int) -> bool:
-    """True once grouped_expert_forward has matched the eager path on `device` (checked once)."""
-    return usable_once(_checked, device, True, INTERPRETED, lambda: _self_test(device, hidden, width, True))
+def grouped_kernel_usable(device: torch.device, hidden: int, width: int, fmt: str = "fp8") -> bool:
+    return kernel_usable(device, hidden, width, fmt, grouped=True)
 
 
 def _self_test_experts(hidden: int, width: int) -> dict[str, tuple[torch.Tensor, ...]]:
@@ -244,12 +247,14 @@ def _self_test_experts(hidden: int, width: int) -> dict[str, tuple[torch.Tensor,
     return {"fp8": (gate_up, scales, down, scales), "int8": (gu_q, gu_rows, dn_q, dn_rows)}
 
 
-def _self_test(device: torch.device, hidden: int, width: int, grouped: bool) -> bool:
+def _self_test(device: torch.device, hidden: int, width: int, grouped: bool, fmt: str) -> bool:
     try:
         x = torch.randn(3, hidden, generator=torch.Generator().manual_seed(1))
         x = x.to(device, torch.bfloat16)
         ids = torch.tensor([2, 0], dtype=torch.int32)  # out of order, slot 1 skipped
         for name, weights in _self_test_experts(hidden, width).items():
+            if name != fmt:
+                continue
             gu, gu_s, dn, dn_s = (t.to(device) for t in weights)
             if grouped:  # as LayerSlots calls it: slots and the layer's scale tables by expert id
                 ours = grouped_expert_forward(x, gu, dn, ids.to(device), gu_s, dn_s, ids.to(device))

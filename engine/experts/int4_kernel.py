@@ -187,15 +187,18 @@ def grouped_int4_expert_forward(x: torch.Tensor, gate_up_slots: torch.Tensor,
     return _launch(gu, down_slots, ids, gated=True)
 
 
-def kernel_usable(device: torch.device, hidden: int, width: int, grouped: bool = False) -> bool:
+def kernel_usable(device: torch.device, hidden: int, width: int, fmt: str = "int4",
+                  grouped: bool = False) -> bool:
     """True once int4_expert_forward (or, grouped, grouped_int4_expert_forward) has matched the
-    eager path on `device` (checked once)."""
+    eager path on `device` (checked once). `fmt` must be "int4" (the FP8 kernels' signature)."""
+    if fmt != "int4":
+        raise ValueError(f"the int4 kernel reads int4 blobs, not {fmt}")
     return usable_once(_checked, device, grouped, INTERPRETED,
                        lambda: _self_test(device, hidden, width, grouped))
 
 
-def grouped_kernel_usable(device: torch.device, hidden: int, width: int) -> bool:
-    return kernel_usable(device, hidden, width, grouped=True)
+def grouped_kernel_usable(device: torch.device, hidden: int, width: int, fmt: str = "int4") -> bool:
+    return kernel_usable(device, hidden, width, fmt, grouped=True)
 
 
 def random_blobs(hidden: int, width: int, experts: int = 3,

@@ -12,6 +12,8 @@ from engine.experts import fp8_kernel, int4_kernel
 from engine.experts.compute import dequant_expert, expert_forward
 from engine.experts.store import LayerExperts
 
+KERNEL_FORMATS = {torch.float8_e4m3fn: "fp8", torch.int8: "int8", torch.uint8: "int4"}
+
 
 class LayerSlots:
     """One layer's expert slots on its device, in the host format (dequantised at use)."""
@@ -31,10 +33,11 @@ class LayerSlots:
         self.int4 = host.gate_up.dtype == torch.uint8
         kernels = int4_kernel if self.int4 else fp8_kernel
         hidden, width = shape_d[0], shape_gu[0] // 2  # rows of down [H, .] and gate_up [2I, .]
-        self.use_kernel = host.gate_up.dtype in (torch.float8_e4m3fn, torch.int8, torch.uint8) and \
-            kernels.kernel_usable(device, hidden, width)
+        # Each format's kernel is checked on its own (a GPU without FP8 still runs int8).
+        fmt = KERNEL_FORMATS.get(host.gate_up.dtype)
+        self.use_kernel = fmt is not None and kernels.kernel_usable(device, hidden, width, fmt)
         # Decode: all of a step's cached experts in two launches.
-        self.use_grouped = self.use_kernel and kernels.grouped_kernel_usable(device, hidden, width)
+        self.use_grouped = self.use_kernel and kernels.grouped_kernel_usable(device, hidden, width, fmt)
         # Slot and expert ids of a step go to the GPU from page-locked memory without a
         # blocking copy; one buffer per layer is reused only after the next token's routing
         # wait, by which time its previous copy has long finished.

@@ -233,7 +233,10 @@ def test_self_test_passes_and_catches_a_broken_kernel(kernels, monkeypatch, capl
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             assert not kernels._self_test(cpu)
+            assert not kernels._self_test(cpu, fmt)
         assert f"differs from the eager path on cpu ({fmt}" in caplog.text
+        # Per format: the others still pass (a GPU without E4M3 keeps int8 and int4).
+        assert all(kernels._self_test(cpu, other) for other in ("fp8", "int8", "int4") if other != fmt)
     monkeypatch.setattr(kernels, "dequantize_bf16", lambda *args, **kwargs: 1 / 0)
     with caplog.at_level(logging.WARNING):
         assert not kernels._self_test(cpu)

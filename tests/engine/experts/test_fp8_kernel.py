@@ -163,10 +163,12 @@ def test_a_wrong_scale_or_slot_is_caught(kernels, fmt):
     assert [e > TOL for e in errors] == [True, True, False, False], errors
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("grouped", [False, True], ids=["single", "grouped"])
-def test_self_test_passes_and_catches_a_broken_kernel(kernels, monkeypatch, caplog, grouped):
+def test_self_test_passes_and_catches_a_broken_kernel(kernels, monkeypatch, caplog, grouped, fmt):
+    """Per format: a GPU whose Triton lacks E4M3 keeps the int8 kernel."""
     cpu = torch.device("cpu")
-    assert kernels._self_test(cpu, 64, 32, grouped)
+    assert kernels._self_test(cpu, 64, 32, grouped, fmt)
     launch = kernels._launch
 
     def off_by_ten_percent(*args, **kwargs):
@@ -174,8 +176,8 @@ def test_self_test_passes_and_catches_a_broken_kernel(kernels, monkeypatch, capl
 
     monkeypatch.setattr(kernels, "_launch", off_by_ten_percent)
     with caplog.at_level(logging.WARNING):
-        assert not kernels._self_test(cpu, 64, 32, grouped)
-    assert "disagrees with the eager path" in caplog.text
+        assert not kernels._self_test(cpu, 64, 32, grouped, fmt)
+    assert "disagrees with the eager path" in caplog.text and f"({fmt}," in caplog.text
 
 
 def test_production_never_uses_the_interpreter(kernels):
