@@ -112,7 +112,11 @@ def _other_precision(ckpt: Checkpoint, plan: PlacementPlan, fmt: str,
     alt = plan_for(other)
     if other == "int4" and alt.host_store != "pinned":
         return ""
-    name = "4-bit experts (faster, less exact)" if other == "int4" else "8-bit experts (exact)"
+    if alt.fits and plan.fits and alt.num_expert_slots == plan.num_expert_slots:
+        return ""  # both cache the same (e.g. every expert): nothing to choose between
+    name = "4-bit experts (faster, less exact)" if other == "int4" else "8-bit experts (more exact)"
+    if alt.host_store != "pinned":
+        name += ", memory-mapped from disk (slower)"
     verdict = f"{alt.num_expert_slots:,} of {alt.shape.num_total_experts:,} experts cached on the GPU" \
         if alt.fits else "does not fit"
     now = f", against {plan.num_expert_slots:,} now" if plan.fits else ""

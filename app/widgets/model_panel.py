@@ -27,7 +27,7 @@ from app.widgets.message_view import format_bytes
 CONTEXT_LENGTHS = (8192, 16384, 32768, 65536, 131072, 262144)
 # How the offloaded experts are held: the engine's host_format, and what the user reads.
 EXPERT_PRECISIONS = (
-    ("auto", "8-bit (exact, default)"),
+    ("auto", "8-bit (more exact, default)"),
     ("int4", "4-bit (faster, less exact)"),
 )
 PRECISION_TIP = (

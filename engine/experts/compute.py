@@ -28,7 +28,10 @@ def dequant_expert(gate_up: torch.Tensor, gate_up_scale: torch.Tensor, down: tor
             from engine.experts import dequant_kernel
 
             if dequant_kernel.kernel_usable(w.device, QUANTISED[w.dtype]):
-                return dequant_kernel.dequantize_bf16(w, s)
+                try:
+                    return dequant_kernel.dequantize_bf16(w, s)
+                except ValueError:  # a layout it does not take (e.g. unaligned): eager serves
+                    pass
         if w.dtype == torch.uint8:  # int4 blob: its scales are inside
             return int4.dequantize(w, dtype)
         s = s.to(device=w.device, dtype=torch.float32)

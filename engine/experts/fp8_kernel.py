@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import torch
 
-from engine.experts.compute import dequant_expert, expert_forward
+from engine.experts.compute import expert_forward
 
 log = logging.getLogger(__name__)
 
@@ -214,10 +214,12 @@ def usable_once(checked: dict, device: torch.device, key, interpreted: bool,
     """A kernel's verdict on `device`: self_test() the first time (per device and key), then
     remembered. Never under the interpreter outside tests (it is numpy, thousands of times
     slower; `interpreted` is the calling module's own flag) and never off CUDA."""
+    verdict = checked.get((device, key))  # the hot path: one lookup once checked
+    if verdict is not None:
+        return verdict
     if not TRITON_IMPORTED or interpreted or device.type != "cuda" or not torch.cuda.is_available():
         return False
-    if (device, key) not in checked:
-        checked[device, key] = self_test()
+    checked[device, key] = self_test()
     return checked[device, key]
 
 
@@ -248,6 +250,9 @@ def _self_test_experts(hidden: int, width: int) -> dict[str, tuple[torch.Tensor,
 
 
 def _self_test(device: torch.device, hidden: int, width: int, grouped: bool, fmt: str) -> bool:
+    # The eager reference, not dequant_expert: on a GPU that may itself be a kernel.
+    from engine.experts.dequant_kernel import eager_dequantize
+
     try:
         x = torch.randn(3, hidden, generator=torch.Generator().manual_seed(1))
         x = x.to(device, torch.bfloat16)
@@ -262,8 +267,8 @@ def _self_test(device: torch.device, hidden: int, width: int, grouped: bool, fmt
                 ours = torch.stack([fp8_expert_forward(x, gu[i], gu_s[i], dn[i], dn_s[i])
                                     for i in ids.tolist()])
             for ours_e, i in zip(ours.float(), ids.tolist(), strict=True):
-                ref = expert_forward(x, *dequant_expert(gu[i], gu_s[i], dn[i], dn_s[i],
-                                                        torch.bfloat16)).float()
+                ref = expert_forward(x, eager_dequantize(gu[i], gu_s[i]),
+                                     eager_dequantize(dn[i], dn_s[i])).float()
                 error = float((ours_e - ref).abs().max() / ref.abs().max().clamp(min=1e-6))
                 if error > SELF_TEST_ATOL:
                     log.warning("%s expert kernel disagrees with the eager path (%s, rel. error "

@@ -93,7 +93,8 @@ def quantize(weights: torch.Tensor, multiplier: float = 1.0, out: torch.Tensor |
     per_scale = 1.0 / scale.float().clamp(min=1e-30)  # a constant group has scale 0: codes 8
     inv, bias = per_scale * multiplier, 8 - offset.float() * per_scale
     codes = torch.addcmul(bias[..., None], groups, inv[..., None]).round_().clamp_(0, MAX_CODE)
-    here = out is not None and out.device == weights.device  # else made here, then copied over
+    # Written in place when `out` can take it (same device, contiguous), else copied over.
+    here = out is not None and out.device == weights.device and out.is_contiguous()
     blob = out if here else torch.empty((n, blob_width(k)), dtype=torch.uint8, device=weights.device)
     codes_view, scales_view = split(blob)
     codes_view.copy_(pack_codes(codes.reshape(n, k).to(torch.uint8)))

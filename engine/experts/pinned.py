@@ -3,15 +3,22 @@
 PyTorch's pinned allocator rounds every request up to a power of two: a layer of int4 experts
 (1.125 GiB of gate_up blobs) would pin 2 GiB, the whole int4 store as much as FP8's, and the
 plan (which counts the real bytes) would be wrong by 47 GiB. Sizes that are powers of two
-already (FP8 and int8 at this model's shapes) lose nothing there and keep PyTorch's allocator;
-any other size is allocated as ordinary memory and page-locked where it lies with
-cudaHostRegister (as PyTorch's own checkpoint stager does), and unlocked when the tensor goes.
+already (FP8 and int8 at this model's shapes) lose nothing there and keep PyTorch's allocator.
+Any other size is allocated as ordinary memory and page-locked where it lies with
+cudaHostRegister (as PyTorch's own checkpoint stager does), then unlocked when the memory goes.
+
+The locked range is whole pages that belong to this allocation alone (it is over-allocated by
+two pages and the tensor starts on a page boundary): the driver locks every page a range
+touches, and a page shared with another registered range would make the second registration
+fail ("already registered").
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
+import mmap
 import weakref
 
 import torch
@@ -19,6 +26,7 @@ import torch
 log = logging.getLogger(__name__)
 
 REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: page-locked for every GPU, not only the current
+PAGE = mmap.PAGESIZE
 
 
 def host_empty(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
@@ -28,12 +36,39 @@ def host_empty(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.T
     num_bytes = math.prod(shape) * dtype.itemsize
     if num_bytes == 0 or num_bytes & (num_bytes - 1) == 0:
         return torch.empty(shape, dtype=dtype, pin_memory=True)
-    tensor = torch.empty(shape, dtype=dtype)
+    raw = torch.empty(num_bytes + 2 * PAGE, dtype=torch.uint8)
+    start = -raw.data_ptr() % PAGE
+    locked = -(-num_bytes // PAGE) * PAGE  # whole pages, inside `raw`
     cudart = torch.cuda.cudart()
-    error = int(cudart.cudaHostRegister(tensor.data_ptr(), num_bytes, REGISTER_PORTABLE))
-    if error != 0:  # e.g. the locked-memory limit: PyTorch's allocator may still manage
+    error = int(cudart.cudaHostRegister(raw.data_ptr() + start, locked, REGISTER_PORTABLE))
+    if error != 0:  # e.g. no more lockable memory: PyTorch's allocator may still manage
+        _clear_cuda_error()
         log.warning("could not page-lock %d bytes in place (CUDA error %d): using PyTorch's pinned "
                     "allocator, which rounds the size up to a power of two", num_bytes, error)
         return torch.empty(shape, dtype=dtype, pin_memory=True)
-    weakref.finalize(tensor, cudart.cudaHostUnregister, tensor.data_ptr())
+    tensor = raw[start : start + num_bytes].view(dtype).view(shape)
+    # On the memory (the storage), not on this tensor object: views, .numpy() or .detach() may
+    # outlive it. Not at exit: the process's memory goes anyway.
+    release = weakref.finalize(tensor.untyped_storage(), _unregister, raw.data_ptr() + start)
+    release.atexit = False
     return tensor
+
+
+def _unregister(ptr: int) -> None:
+    # Copies queued from this memory (prefetch, copies made ahead) must land before it is
+    # unlocked and freed: pinned memory from PyTorch's allocator gets that wait, ours does not.
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
+def _clear_cuda_error() -> None:
+    """Reset the CUDA runtime's last error after a failed call: PyTorch checks it after every
+    kernel launch and would blame the next one. PyTorch's bindings have no cudaGetLastError;
+    the runtime library it loaded has."""
+    for name in ("libcudart.so.12", "libcudart.so.13", "libcudart.so"):
+        try:
+            ctypes.CDLL(name).cudaGetLastError()
+            return
+        except (OSError, AttributeError):
+            continue
+    log.warning("could not reset CUDA's last error after a failed page-lock")

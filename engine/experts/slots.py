@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.experts import fp8_kernel, int4_kernel
+from engine.experts import dequant_kernel, fp8_kernel, int4_kernel
 from engine.experts.compute import dequant_expert, expert_forward
 from engine.experts.store import LayerExperts
 
@@ -36,6 +36,8 @@ class LayerSlots:
         # Each format's kernel is checked on its own (a GPU without FP8 still runs int8).
         fmt = KERNEL_FORMATS.get(host.gate_up.dtype)
         self.use_kernel = fmt is not None and kernels.kernel_usable(device, hidden, width, fmt)
+        if fmt is not None:  # prefill's dequantisation kernel checks itself now, not mid-prompt
+            dequant_kernel.kernel_usable(device, fmt)
         # Decode: all of a step's cached experts in two launches.
         self.use_grouped = self.use_kernel and kernels.grouped_kernel_usable(device, hidden, width, fmt)
         # Slot and expert ids of a step go to the GPU from page-locked memory without a

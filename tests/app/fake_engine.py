@@ -16,7 +16,7 @@ from engine import api
 # What the engine's plan says the other expert precision would cache (engine.planning).
 FOUR_BIT_HINT = ("With 4-bit experts (faster, less exact): 1,420 of 4,608 experts cached on the GPU, "
                  "against 798 now.")
-EIGHT_BIT_HINT = "With 8-bit experts (exact): 798 of 4,608 experts cached on the GPU, against 1,420 now."
+EIGHT_BIT_HINT = "With 8-bit experts (more exact): 798 of 4,608 experts cached on the GPU, against 1,420 now."
 REASONING = "The user greets me. I should answer briefly, then show a code example."
 ANSWER = (
     "Hello! Here is **bold** text and a list:\n\n- one\n- two\n\n"

@@ -228,7 +228,9 @@ def test_the_plan_says_what_the_other_precision_would_cache(int4_checkpoint, tin
     assert slots[0] < slots[1]
     assert eight.alternative == (f"With 4-bit experts (faster, less exact): {slots[1]:,} of 16 "
                                  f"experts cached on the GPU, against {slots[0]:,} now.")
-    assert four.alternative.startswith(f"With 8-bit experts (exact): {slots[0]:,} of 16 experts")
+    assert four.alternative.startswith(f"With 8-bit experts (more exact): {slots[0]:,} of 16 experts")
     assert ready(tiny_checkpoint, "auto").alternative == ""  # 32-wide experts
+    everything = planning.plan_for_folder(api.PlanModel("p", int4_checkpoint, "cuda", host_format="auto"))
+    assert "16 of 16" in everything.summary and everything.alternative == ""  # nothing to gain
     monkeypatch.setattr(planning, "detect_gpus", lambda: [])
     assert ready(int4_checkpoint, "auto").alternative == ""  # a CPU plan

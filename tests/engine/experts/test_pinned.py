@@ -32,6 +32,7 @@ def cudart(monkeypatch):
     fake = FakeCudart()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: fake.unregistered.append("synchronized"))
     real_empty = torch.empty
 
     def empty(*args, pin_memory=False, **kwargs):
@@ -44,13 +45,20 @@ def cudart(monkeypatch):
 
 
 def test_a_size_that_is_not_a_power_of_two_is_locked_in_place_and_unlocked_after(cudart):
+    """Whole pages of its own (a page shared with another locked range would fail to lock),
+    unlocked after the copies drain, when the memory goes: not when the first tensor object
+    does, as a view may outlive it."""
     tensor = pinned.host_empty((3, 64, 36), torch.uint8, pin=True)  # 6,912 bytes
     (ptr, size, flags), = cudart.registered
-    assert (ptr, size, flags) == (tensor.data_ptr(), 6912, pinned.REGISTER_PORTABLE)
-    assert cudart.unregistered == []
+    assert ptr == tensor.data_ptr() and ptr % pinned.PAGE == 0 and flags == pinned.REGISTER_PORTABLE
+    assert size == -(-6912 // pinned.PAGE) * pinned.PAGE
+    view = tensor[1]
     del tensor
     gc.collect()
-    assert cudart.unregistered == [ptr]
+    assert cudart.unregistered == []
+    del view
+    gc.collect()
+    assert cudart.unregistered == ["synchronized", ptr]
 
 
 def test_powers_of_two_and_unpinned_tensors_take_the_usual_ways(cudart, monkeypatch):
@@ -60,11 +68,15 @@ def test_powers_of_two_and_unpinned_tensors_take_the_usual_ways(cudart, monkeypa
     assert plain.shape == (3, 5) and cudart.registered == []
 
 
-def test_a_refused_registration_falls_back_to_pytorch_with_a_warning(cudart, caplog):
+def test_a_refused_registration_clears_the_error_and_falls_back_with_a_warning(cudart, caplog,
+                                                                             monkeypatch):
+    """The runtime's last error is reset: PyTorch would otherwise blame the next kernel launch."""
+    cleared = []
+    monkeypatch.setattr(pinned, "_clear_cuda_error", lambda: cleared.append(True))
     cudart.error = 2  # cudaErrorMemoryAllocation
     with caplog.at_level(logging.WARNING), pytest.raises(AssertionError, match="power of two"):
         pinned.host_empty((3, 7), torch.uint8, pin=True)
-    assert "could not page-lock 21 bytes" in caplog.text
+    assert "could not page-lock 21 bytes" in caplog.text and cleared == [True]
 
 
 def test_without_cuda_nothing_is_locked():
@@ -76,12 +88,15 @@ def test_without_cuda_nothing_is_locked():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_a_registered_tensor_is_pinned_and_copies_asynchronously():
+def test_registered_tensors_are_pinned_and_small_neighbours_both_lock():
+    """Two small tensors made one after the other (neighbours on the heap) both lock, PyTorch's
+    pinned pool is not used, copies from them are right, and a kernel launched after them does
+    not trip over a stale CUDA error."""
     stats_before = torch.cuda.host_memory_stats().get("reserved_bytes.current", 0)
-    tensor = pinned.host_empty((1000, 1001), torch.uint8, pin=True)  # not a power of two
-    assert tensor.is_pinned()
+    tensors = [pinned.host_empty((37, 101), torch.uint8, pin=True) for _ in range(2)]
+    assert all(t.is_pinned() for t in tensors)
     assert torch.cuda.host_memory_stats().get("reserved_bytes.current", 0) == stats_before
-    tensor.copy_(torch.arange(1000 * 1001, dtype=torch.int64).view(1000, 1001).to(torch.uint8))
-    on_gpu = tensor.to("cuda", non_blocking=True)
-    torch.cuda.synchronize()
-    assert torch.equal(on_gpu.cpu(), tensor)
+    for i, tensor in enumerate(tensors):
+        tensor.copy_(torch.arange(37 * 101, dtype=torch.int64).view(37, 101).add(i).to(torch.uint8))
+        on_gpu = tensor.to("cuda", non_blocking=True)
+        assert torch.equal((on_gpu.int() + 1).cpu(), tensor.int() + 1)
