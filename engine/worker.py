@@ -75,14 +75,19 @@ class Worker:
         ckpt = Checkpoint.open(model_dir)
         total = ckpt.total_bytes
         self.close()
+        opts = _load_options(req, ckpt)
+        # The first half of the progress is the routed experts (engine.runtime.LoadedModel):
+        # said as what takes the time there, requantising them when offloaded.
+        experts_stage = EXPERT_STAGES.get(opts.host_format, "reading weights") \
+            if opts.expert_cache_slots is not None else "reading weights"
 
         def progress(done: int, num: int) -> None:
             if self.is_cancelled(rid):
                 raise CancelledError()
-            self.emit(api.LoadProgress(rid, total * done // num, total, "reading weights",
-                                       time.perf_counter() - t0))
+            stage = experts_stage if done <= num // 2 else "reading weights"
+            self.emit(api.LoadProgress(rid, total * done // num, total, stage, time.perf_counter() - t0))
 
-        self.model = LoadedModel(model_dir, _load_options(req, ckpt), progress, ckpt=ckpt)
+        self.model = LoadedModel(model_dir, opts, progress, ckpt=ckpt)
         _ = self.model.formatter  # a broken tokenizer fails the load, not the first question
         self.is_demo = req.create_demo
         cfg = self.model.config
@@ -163,6 +168,7 @@ def _load_options(req: api.LoadModel, ckpt):
     return planned_options(opts, ckpt, req.gpu_budget_bytes)
 
 
+EXPERT_STAGES = {"int4": "preparing 4-bit experts", "int8": "preparing 8-bit experts"}
 FORMAT_NAMES = {"fp8": "8-bit FP8", "int8": "8-bit int8", "int4": "4-bit"}
 
 

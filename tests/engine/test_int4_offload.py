@@ -159,6 +159,8 @@ def test_the_app_is_told_a_load_holds_4_bit_experts(int4_checkpoint):
         svc.close()
     loaded = next(e for e in events if isinstance(e, api.ModelLoaded))
     assert "1 expert slots per layer, the rest offloaded (4-bit experts)" in loaded.device_summary
+    stages = [e.stage for e in events if isinstance(e, api.LoadProgress)]
+    assert stages[0] == "preparing 4-bit experts" and stages[-1] == "reading weights", stages
 
 
 @pytest.mark.cuda
