@@ -160,7 +160,7 @@ def _placed_options(opts, ckpt: Checkpoint, gpu_budget_bytes: int | None, as_lay
     the expert slots per layer and whether the host store is pinned or mapped (a plan that does
     not fit raises OutOfMemoryError with a smaller proposal). CPU: small models keep every
     expert resident in bf16; one whose experts would not fit RAM that way serves them from the
-    FP8 host store (memory-mapped when even that is short)."""
+    host store in its format (memory-mapped FP8 when even that is short)."""
     if not opts.device.startswith("cuda"):
         if opts.expert_cache_slots is not None:
             return opts
@@ -168,6 +168,8 @@ def _placed_options(opts, ckpt: Checkpoint, gpu_budget_bytes: int | None, as_lay
         expert_bytes = shape_of(ckpt).host_expert_bytes
         if 2 * expert_bytes < available // 2:
             return opts
+        if opts.host_format == "int4":  # RAM holds int4's smaller copy, where FP8's may not fit
+            expert_bytes = shape_of(ckpt, "int4").host_expert_bytes
         return replace(opts, expert_cache_slots=0,
                        host_mode="ram" if expert_bytes < 0.9 * available else "mmap")
     def plan_for(host_format: str) -> PlacementPlan:

@@ -236,3 +236,22 @@ def test_the_plan_says_what_the_other_precision_would_cache(int4_checkpoint, tin
     assert "16 of 16" in everything.summary and everything.alternative == ""  # nothing to gain
     monkeypatch.setattr(planning, "detect_gpus", lambda: [])
     assert ready(int4_checkpoint, "auto").alternative == ""  # a CPU plan
+
+
+def test_a_cpu_machine_holds_int4_experts_in_ram_where_fp8_would_be_mapped(int4_checkpoint,
+                                                                           monkeypatch):
+    """No GPU and RAM for int4's copy but not for FP8's: 4-bit experts stay in RAM (fast) where
+    8-bit ones are served from the mapped files (disk speed)."""
+    from engine import planning
+    from engine.checkpoint import Checkpoint
+    from engine.runtime import LoadOptions
+
+    ckpt = Checkpoint.open(int4_checkpoint)
+    fp8_bytes = planning.shape_of(ckpt, "fp8").host_expert_bytes
+    available = int(fp8_bytes / 0.9 * 0.8)  # FP8 needs 0.9 of RAM free; int4's 0.56x fits
+    monkeypatch.setattr(planning, "detect_host_memory", lambda: (2 * available, available))
+    modes = {fmt: planning.planned_options(LoadOptions(device="cpu", host_format=fmt), ckpt)
+             for fmt in ("auto", "int4")}
+    assert modes["auto"].host_mode == "mmap" and modes["auto"].host_format == "fp8"
+    assert modes["int4"].host_mode == "ram" and modes["int4"].host_format == "int4"
+    assert modes["int4"].expert_cache_slots == 0
