@@ -8,7 +8,7 @@ from typing import Any
 
 from PySide6.QtCore import Qt
 
-from app.widgets.model_panel import progress_text
+from app.widgets.model_panel import plan_text, progress_text
 from engine import api
 from tests.app.fake_engine import EIGHT_BIT_HINT, FOUR_BIT_HINT, Script
 from tests.app.helpers import TIMEOUT_MS
@@ -176,3 +176,14 @@ def test_a_model_that_cannot_use_4_bit_says_so_and_recovers(
         timeout=TIMEOUT_MS,
     )
     assert not window.model_status.is_loaded and panel.load_button.isEnabled()
+
+
+def test_the_plan_says_its_verdict_once() -> None:
+    """The engine's summary starts with its own verdict; the panel shows it once, in bold."""
+    plan = api.PlanReady("p", Path("/m"), True, "fits: 3.0 GB dense on GPU 0", (), 0, 0)
+    assert plan_text(plan).startswith("<b>Fits.</b> 3.0 GB dense on GPU 0")
+    short = api.PlanReady("p", Path("/m"), False, "does not fit: RAM is short.", (), 0, 0)
+    assert plan_text(short).startswith("<b>Does not fit.</b> RAM is short.")
+    cache = api.PlanPart("cuda:0", "expert cache (798 slots)", 20_082_327_552)
+    listed = api.PlanReady("p", Path("/m"), True, "fits: 20 GB expert cache", (cache,), 0, 0)
+    assert "expert cache (798 slots) (20.1 GB)" in plan_text(listed)  # as the sentence counts
