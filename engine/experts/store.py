@@ -126,7 +126,7 @@ def requantize_int8(weights: torch.Tensor, scales: torch.Tensor, out: torch.Tens
     at about twice the speed (measured 70 vs 135 ms per 4096x4096 matrix on 2 cores). On a CUDA
     `device` each expert is requantised there, bit for bit the same (every step is an exact or
     correctly rounded IEEE operation on both): FP8 bytes cross PCIe and the GPU does the
-    arithmetic, which on the CPU is ~10 minutes of the real model's load on two cores (the GPU
+    arithmetic, which on the CPU is ~8 minutes of the real model's load on two cores (the GPU
     load time itself is not measured yet).
     """
     out = torch.empty(weights.shape, dtype=torch.int8) if out is None else out  # e.g. pinned
