@@ -14,6 +14,20 @@ import pytest
 QUIET_INTERPRETER = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 
+def interpreted_kernels(module: ModuleType):
+    """A module-scoped `kernels` fixture: `module`'s interpreted copy, checked to be one (a kernel
+    test module says `kernels = interpreted_kernels(fp8_kernel)`)."""
+
+    @pytest.fixture(scope="module")
+    def kernels() -> ModuleType:
+        copy = interpreted_copy(module)
+        # The copy's own flags: its kernels run under the interpreter, on CPU tensors.
+        assert copy.INTERPRETED and getattr(copy, "KERNEL_AVAILABLE", True)
+        return copy
+
+    return kernels
+
+
 def interpreted_copy(module: ModuleType) -> ModuleType:
     """`module` imported again with TRITON_INTERPRET=1 (skips the test without Triton 3.6+)."""
     triton = pytest.importorskip("triton", reason="Triton is not installed (pip install -e "

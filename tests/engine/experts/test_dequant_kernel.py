@@ -16,7 +16,10 @@ import torch
 from engine.experts import dequant_kernel, int4
 from engine.experts.compute import dequant_expert
 from engine.quant import FP8_DTYPE
-from tests.helpers.triton_interpreter import QUIET_INTERPRETER, interpreted_copy
+from tests.helpers.triton_interpreter import (
+    QUIET_INTERPRETER,
+    interpreted_kernels,
+)
 
 try:  # for the deliberately wrong rounding below; the tests that need Triton skip without it
     import triton.language as tl
@@ -30,12 +33,7 @@ same_bits = dequant_kernel.same_bits
 NO_SCALE = torch.empty(0)
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    """A private copy of dequant_kernel whose kernels run under Triton's interpreter."""
-    module = interpreted_copy(dequant_kernel)
-    assert module.INTERPRETED and module.KERNEL_AVAILABLE
-    return module
+kernels = interpreted_kernels(dequant_kernel)  # a private copy whose kernels run under the interpreter
 
 
 def gen(seed: int = 0) -> torch.Generator:

@@ -26,7 +26,10 @@ import torch
 from engine.experts import fp8_kernel
 from engine.experts.compute import dequant_expert, expert_forward
 from engine.experts.store import requantize_int8
-from tests.helpers.triton_interpreter import QUIET_INTERPRETER, interpreted_copy
+from tests.helpers.triton_interpreter import (
+    QUIET_INTERPRETER,
+    interpreted_kernels,
+)
 
 TOL = 0.04
 SHAPES = [(64, 32), (72, 36)]  # (H, I); 72 and 36 are ragged for every block size used
@@ -35,12 +38,7 @@ FORMATS = ["fp8", "int8"]
 pytestmark = QUIET_INTERPRETER
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    """A private copy of fp8_kernel whose kernels run under Triton's interpreter."""
-    module = interpreted_copy(fp8_kernel)
-    assert module.INTERPRETED and module.KERNEL_AVAILABLE
-    return module
+kernels = interpreted_kernels(fp8_kernel)  # a private copy whose kernels run under the interpreter
 
 
 @pytest.fixture(params=list(BLOCKS))

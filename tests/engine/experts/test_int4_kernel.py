@@ -23,19 +23,17 @@ import pytest
 import torch
 
 from engine.experts import int4, int4_kernel
-from tests.helpers.triton_interpreter import QUIET_INTERPRETER, interpreted_copy
+from tests.helpers.triton_interpreter import (
+    QUIET_INTERPRETER,
+    interpreted_kernels,
+)
 
 TOL = 0.04
 SHAPES = [(128, 64), (64, 128)]  # (H, I): several row blocks and K steps in each matrix
 pytestmark = QUIET_INTERPRETER
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    """A private copy of int4_kernel whose kernel runs under Triton's interpreter."""
-    module = interpreted_copy(int4_kernel)
-    assert module.INTERPRETED and module.KERNEL_AVAILABLE
-    return module
+kernels = interpreted_kernels(int4_kernel)  # a private copy whose kernels run under the interpreter
 
 
 def tokens(count: int, hidden: int, seed: int = 1) -> torch.Tensor:
