@@ -32,6 +32,8 @@ def dequant_expert(gate_up: torch.Tensor, gate_up_scale: torch.Tensor, down: tor
                     return dequant_kernel.dequantize_bf16(w, s)
                 except ValueError:  # a layout it does not take (e.g. unaligned): eager serves
                     pass
+                except Exception as exc:  # noqa: BLE001 - e.g. a compile failure at a new shape
+                    dequant_kernel.disable(w.device, QUANTISED[w.dtype], exc)
         if w.dtype == torch.uint8:  # int4 blob: its scales are inside
             return int4.dequantize(w, dtype)
         s = s.to(device=w.device, dtype=torch.float32)

@@ -231,6 +231,15 @@ def kernel_usable(device: torch.device, fmt: str | None = None) -> bool:
     return usable_once(_checked, device, fmt, INTERPRETED, lambda: _self_test(device, fmt))
 
 
+def disable(device: torch.device, fmt: str, why: Exception) -> None:
+    """Stop using the kernel for `fmt` on `device` after a failure on a real call (the eager
+    path serves from then on): a kernel problem costs speed, never an answer."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    log.warning("dequantisation kernel failed on %s (%s, %s): using the eager path", device, fmt, why)
+    _checked[device, fmt] = False
+
+
 def random_int4_blob(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
     """A random blob uint8 [N, W] on the CPU: every code, (scale, offset) pairs of mixed size
     and sign, built as bytes (no quantising)."""

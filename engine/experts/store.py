@@ -97,10 +97,12 @@ class HostExpertStore:
                 tensors.append(mapped)
             elif self.fmt == "int8":  # requantised straight into the (pinned) host tensor
                 host = host_empty(mapped.shape, torch.int8, self.mode == "pinned")
-                scale = requantize_int8(mapped, scale, host, self.quantize_device)[1]
+                scale = self._on_gpu_or_cpu(lambda dev, s=scale, h=host, m=mapped:
+                                            requantize_int8(m, s, h, dev))[1]
                 tensors.append(host)
             elif self.fmt == "int4":
-                tensors.append(requantize_int4(mapped, scale, self.mode == "pinned", self.quantize_device))
+                tensors.append(self._on_gpu_or_cpu(lambda dev, s=scale, m=mapped:
+                                                   requantize_int4(m, s, self.mode == "pinned", dev)))
                 scale = torch.empty((num_experts, 0))
             else:
                 host = host_empty(mapped.shape, mapped.dtype, self.mode == "pinned")
@@ -108,6 +110,19 @@ class HostExpertStore:
                 tensors.append(host)
             scales.append(scale)
         return LayerExperts(tensors[0], tensors[1], scales[0], scales[1])
+
+    def _on_gpu_or_cpu(self, requantise):
+        """requantise(device) on the GPU when there is one; a GPU that fails it (out of memory,
+        a driver problem) hands this and every later layer to the CPU: slower, never a failed
+        load. The two give the same bits (see requantize_int8 / requantize_int4)."""
+        if self.quantize_device is not None:
+            try:
+                return requantise(self.quantize_device)
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+                log.warning("requantising experts on %s failed (%s): the CPU does it instead",
+                            self.quantize_device, exc)
+                self.quantize_device = None
+        return requantise(None)
 
     @property
     def num_bytes(self) -> int:

@@ -255,3 +255,34 @@ def test_a_cpu_machine_holds_int4_experts_in_ram_where_fp8_would_be_mapped(int4_
     assert modes["auto"].host_mode == "mmap" and modes["auto"].host_format == "fp8"
     assert modes["int4"].host_mode == "ram" and modes["int4"].host_format == "int4"
     assert modes["int4"].expert_cache_slots == 0
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_a_gpu_that_fails_to_requantise_hands_the_load_to_the_cpu(int4_checkpoint, monkeypatch,
+                                                                    caplog, fmt):
+    """Out of memory (or a driver problem) on the GPU while requantising costs speed, not the
+    load: that layer and every later one are requantised on the CPU, to the same bits."""
+    import logging
+
+    from engine.checkpoint import Checkpoint
+    from engine.experts import store as store_module
+
+    real = {"int8": store_module.requantize_int8, "int4": store_module.requantize_int4}[fmt]
+    calls = []
+
+    def flaky(*args):
+        calls.append(args[-1])
+        if args[-1] is not None:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args)
+
+    monkeypatch.setattr(store_module, f"requantize_{fmt}", flaky)
+    ckpt = Checkpoint.open(int4_checkpoint)
+    with caplog.at_level(logging.WARNING):
+        store = store_module.HostExpertStore(ckpt, "ram", fmt, quantize_device=torch.device("cuda", 0))
+    assert "the CPU does it instead" in caplog.text and store.quantize_device is None
+    assert calls[:2] == [torch.device("cuda", 0), None] and all(c is None for c in calls[2:])
+    reference = store_module.HostExpertStore(ckpt, "ram", fmt)
+    for ours, theirs in zip(store.layers, reference.layers, strict=True):
+        assert torch.equal(ours.gate_up, theirs.gate_up) and torch.equal(ours.down, theirs.down)
+        assert torch.equal(ours.gate_up_scale, theirs.gate_up_scale)

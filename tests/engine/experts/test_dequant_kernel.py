@@ -305,3 +305,23 @@ def test_prefill_dequantisation_uses_the_kernel_on_a_gpu(monkeypatch):
     assert calls == [torch.float8_e4m3fn] * 2
     for got, w in zip(ours, (gate_up, down), strict=True):
         assert dequant_kernel.same_bits(got, dequant_kernel.eager_dequantize(w, scale))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_kernel_failure_on_a_real_call_falls_back_and_disables_it(monkeypatch, caplog):
+    gen = torch.Generator().manual_seed(4)
+    weight = (torch.randn(128, 128, generator=gen) * 30).to(torch.float8_e4m3fn).cuda()
+    scale = torch.tensor(0.01, device="cuda")
+    assert dequant_kernel.kernel_usable(weight.device, "fp8")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a compile failure at a new shape (simulated)")
+
+    monkeypatch.setattr(dequant_kernel, "dequantize_bf16", broken)
+    monkeypatch.setattr(dequant_kernel, "_checked", dict(dequant_kernel._checked))
+    with caplog.at_level(logging.WARNING):
+        ours, _ = dequant_expert(weight, scale, weight, scale, torch.bfloat16)
+    assert same_bits(ours, dequant_kernel.eager_dequantize(weight, scale))
+    assert "dequantisation kernel failed" in caplog.text
+    assert not dequant_kernel.kernel_usable(weight.device, "fp8")
