@@ -105,9 +105,8 @@ def _other_precision(ckpt: Checkpoint, plan: PlacementPlan, fmt: str,
     if not any(t.is_gpu for t in plan.targets):
         return ""
     other = "fp8" if fmt == "int4" else "int4"
-    shape = ckpt.config
-    if other == "int4" and not (int4.supports(2 * shape.moe_intermediate_size, shape.hidden_size)
-                                and int4.supports(shape.hidden_size, shape.moe_intermediate_size)):
+    cfg = ckpt.config
+    if other == "int4" and not int4.supports_expert(cfg.hidden_size, cfg.moe_intermediate_size):
         return ""
     alt = plan_for(other)
     if other == "int4" and alt.host_store != "pinned":

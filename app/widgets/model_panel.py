@@ -21,15 +21,13 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app.settings import HOST_FORMATS
 from app.state import ModelStatus
 from app.widgets.message_view import format_bytes
 
 CONTEXT_LENGTHS = (8192, 16384, 32768, 65536, 131072, 262144)
-# How the offloaded experts are held: the engine's host_format, and what the user reads.
-EXPERT_PRECISIONS = (
-    ("auto", "8-bit (more exact, default)"),
-    ("int4", "4-bit (faster, less exact)"),
-)
+# What the user reads for each way the offloaded experts can be held (app.settings.HOST_FORMATS).
+PRECISION_LABELS = {"auto": "8-bit (more exact, default)", "int4": "4-bit (faster, less exact)"}
 PRECISION_TIP = (
     "4-bit experts take just over half the memory of 8-bit ones, so the GPU caches more of them "
     "and answers come faster, at a small cost in accuracy. Applies at the next load; some "
@@ -113,8 +111,8 @@ class ModelPanel(QWidget):
             self.context_combo.addItem(f"{length // 1024}K tokens", length)
         self.precision_combo = QComboBox(self)
         self.precision_combo.setAccessibleName("Expert precision")
-        for host_format, text in EXPERT_PRECISIONS:
-            self.precision_combo.addItem(text, host_format)
+        for host_format in HOST_FORMATS:
+            self.precision_combo.addItem(PRECISION_LABELS[host_format], host_format)
         self.precision_combo.setToolTip(PRECISION_TIP)
         self.budget_spin.valueChanged.connect(self._emit_budget)
         self.context_combo.currentIndexChanged.connect(self._emit_budget)

@@ -84,8 +84,9 @@ def _probe_experts(hidden: int, width: int, fmt: str, num_experts: int):
 
 
 def _cpu_expert_seconds(hidden: int, width: int, dtype: torch.dtype, fmt: str, num_experts: int,
-                        num_tokens: int) -> float:
-    """Median seconds for the CPU path to run num_experts experts over num_tokens tokens each."""
+                        num_tokens: int) -> tuple[float, int]:
+    """(median seconds for the CPU path to run num_experts experts over num_tokens tokens each,
+    the bytes of those experts' weights in the format)."""
     gate_up, gu_scale, down, d_scale = _probe_experts(hidden, width, fmt, num_experts)
     x = torch.randn(num_tokens, hidden).to(dtype)
 
@@ -93,22 +94,21 @@ def _cpu_expert_seconds(hidden: int, width: int, dtype: torch.dtype, fmt: str, n
         for e in range(num_experts):
             cpu_expert_forward(x, gate_up[e], gu_scale[e], down[e], d_scale[e], dtype)
 
-    return _timed(run, repeats=3)
+    return _timed(run, repeats=3), gate_up.nbytes + down.nbytes
 
 
 def cpu_expert_bandwidth(hidden: int, width: int, dtype: torch.dtype, fmt: str = "fp8",
                          num_experts: int = 4) -> float:
     """Bytes of expert weights per second the CPU path consumes for one token, by host format."""
-    seconds = _cpu_expert_seconds(hidden, width, dtype, fmt, num_experts, 1)
-    expert_bytes = 3 * hidden * width if fmt != "int4" else int4.expert_bytes(hidden, width)
-    return num_experts * expert_bytes / seconds
+    seconds, num_bytes = _cpu_expert_seconds(hidden, width, dtype, fmt, num_experts, 1)
+    return num_bytes / seconds
 
 
 def cpu_expert_token_rate(hidden: int, width: int, dtype: torch.dtype, fmt: str = "fp8",
                           num_tokens: int = 64, num_experts: int = 2) -> float:
     """Tokens per second through one expert on the CPU path with many tokens at once (where
     compute, not reading the weights, bounds it): what a prefill chunk's expert costs there."""
-    seconds = _cpu_expert_seconds(hidden, width, dtype, fmt, num_experts, num_tokens)
+    seconds, _ = _cpu_expert_seconds(hidden, width, dtype, fmt, num_experts, num_tokens)
     return num_experts * num_tokens / seconds
 
 
@@ -120,8 +120,7 @@ def describe(hidden: int, width: int, dtype: torch.dtype) -> dict:
     info["pcie_pinned_bytes_per_s"] = pcie_bandwidth()
     info["hbm_bytes_per_s"] = hbm_bandwidth()
     info["cpu_memory_bytes_per_s"] = cpu_memory_bandwidth()
-    formats = [f for f in HOST_FORMATS if f != "int4" or
-               int4.supports(2 * width, hidden) and int4.supports(hidden, width)]
+    formats = [f for f in HOST_FORMATS if f != "int4" or int4.supports_expert(hidden, width)]
     info["cpu_expert_bytes_per_s"] = {fmt: cpu_expert_bandwidth(hidden, width, dtype, fmt)
                                       for fmt in formats}
     info["cpu_expert_tokens_per_s"] = {fmt: cpu_expert_token_rate(hidden, width, dtype, fmt)

@@ -17,6 +17,20 @@ from engine.quant import FP8_DTYPE
 QUANTISED = {FP8_DTYPE: "fp8", torch.int8: "int8", torch.uint8: "int4"}  # uint8: int4 blobs
 
 
+def eager_dequantize(weight: torch.Tensor, scale: torch.Tensor,
+                     dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """One matrix in `dtype`, formed in fp32 and rounded once: the reference recipe, and what the
+    fused kernel (engine.experts.dequant_kernel) must equal bit for bit in bf16."""
+    if weight.dtype == torch.uint8:  # int4 blob: its scales are inside
+        return int4.dequantize(weight, dtype)
+    if weight.dtype not in QUANTISED:
+        return weight.to(dtype)
+    s = scale.to(device=weight.device, dtype=torch.float32)
+    if weight.dtype == torch.int8:  # per-row scales [R]
+        return (weight.to(torch.float32) * s[:, None]).to(dtype)
+    return (weight.to(torch.float32) * s).to(dtype)
+
+
 def dequant_expert(gate_up: torch.Tensor, gate_up_scale: torch.Tensor, down: torch.Tensor,
                    down_scale: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(gate_up [2I, H], down [H, I]) in `dtype` on the weights' device; in bf16 on a GPU, by
@@ -34,14 +48,7 @@ def dequant_expert(gate_up: torch.Tensor, gate_up_scale: torch.Tensor, down: tor
                     pass
                 except Exception as exc:  # noqa: BLE001 - e.g. a compile failure at a new shape
                     dequant_kernel.disable(w.device, QUANTISED[w.dtype], exc)
-        if w.dtype == torch.uint8:  # int4 blob: its scales are inside
-            return int4.dequantize(w, dtype)
-        s = s.to(device=w.device, dtype=torch.float32)
-        if w.dtype == torch.int8:  # per-row scales [R]
-            return (w.to(torch.float32) * s[:, None]).to(dtype)
-        if w.dtype != FP8_DTYPE:
-            return w.to(dtype)
-        return (w.to(torch.float32) * s).to(dtype)
+        return eager_dequantize(w, s, dtype)
 
     return deq(gate_up, gate_up_scale), deq(down, down_scale)
 

@@ -41,6 +41,7 @@ import logging
 import torch
 
 from engine.experts import combine_kernel, int4
+from engine.experts.compute import eager_dequantize  # the reference (tests read it here too)
 from engine.experts.fp8_kernel import ENABLE_FP_FUSION, TRITON_IMPORTED, usable_once
 from engine.quant import FP8_DTYPE
 
@@ -200,16 +201,6 @@ def _launch_int4(blob: torch.Tensor, out: torch.Tensor, n: int, k: int) -> None:
                        enable_fp_fusion=ENABLE_FP_FUSION)
 
 
-def eager_dequantize(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The reference, as engine.experts.compute.dequant_expert computes it for bf16."""
-    if weight.dtype == torch.uint8:
-        return int4.dequantize(weight, torch.bfloat16)
-    s = scale.to(device=weight.device, dtype=torch.float32)
-    if weight.dtype == torch.int8:
-        return (weight.to(torch.float32) * s[:, None]).to(torch.bfloat16)
-    return (weight.to(torch.float32) * s).to(torch.bfloat16)
-
-
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal bit for bit, except that any NaN matches any NaN (their payloads may differ)."""
     if a.shape != b.shape or a.dtype != b.dtype:
@@ -226,16 +217,21 @@ def kernel_usable(device: torch.device, fmt: str | None = None) -> bool:
     ("fp8", "int8" or "int4"; None: all three), checked once per device and format: a GPU whose
     Triton has no E4M3 (before sm_89) keeps the kernel for int8 and int4. False off CUDA,
     without Triton, under the interpreter."""
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = _device_key(device)
     return usable_once(_checked, device, fmt, INTERPRETED, lambda: _self_test(device, fmt))
+
+
+def _device_key(device: torch.device) -> torch.device:
+    """"cuda" and "cuda:N" (the current one) are one device for the verdicts."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def disable(device: torch.device, fmt: str, why: Exception) -> None:
     """Stop using the kernel for `fmt` on `device` after a failure on a real call (the eager
     path serves from then on): a kernel problem costs speed, never an answer."""
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = _device_key(device)
     log.warning("dequantisation kernel failed on %s (%s, %s): using the eager path", device, fmt, why)
     _checked[device, fmt] = False
 

@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import torch
 
-from engine.experts.compute import expert_forward
+from engine.experts.compute import eager_dequantize, expert_forward
 
 log = logging.getLogger(__name__)
 
@@ -250,9 +250,6 @@ def _self_test_experts(hidden: int, width: int) -> dict[str, tuple[torch.Tensor,
 
 
 def _self_test(device: torch.device, hidden: int, width: int, grouped: bool, fmt: str) -> bool:
-    # The eager reference, not dequant_expert: on a GPU that may itself be a kernel.
-    from engine.experts.dequant_kernel import eager_dequantize
-
     try:
         x = torch.randn(3, hidden, generator=torch.Generator().manual_seed(1))
         x = x.to(device, torch.bfloat16)
@@ -267,6 +264,7 @@ def _self_test(device: torch.device, hidden: int, width: int, grouped: bool, fmt
                 ours = torch.stack([fp8_expert_forward(x, gu[i], gu_s[i], dn[i], dn_s[i])
                                     for i in ids.tolist()])
             for ours_e, i in zip(ours.float(), ids.tolist(), strict=True):
+                # The eager reference, not dequant_expert: on a GPU that may be a kernel itself.
                 ref = expert_forward(x, eager_dequantize(gu[i], gu_s[i]),
                                      eager_dequantize(dn[i], dn_s[i])).float()
                 error = float((ours_e - ref).abs().max() / ref.abs().max().clamp(min=1e-6))

@@ -56,6 +56,11 @@ def supports(n: int, k: int) -> bool:
     return n % ROW_BLOCK == 0 and k % GROUP == 0
 
 
+def supports_expert(hidden: int, width: int) -> bool:
+    """Whether an expert's gate_up [2I, H] and down [H, I] both fit the layout."""
+    return supports(2 * width, hidden) and supports(hidden, width)
+
+
 def check_shape(n: int, k: int) -> None:
     if not supports(n, k):
         raise InputError(f"4-bit experts (host format int4) need matrices whose rows are a multiple "
