@@ -39,11 +39,15 @@ class ChatFormatter:
         from transformers import TokenizersBackend
 
         try:
-            self.tokenizer = TokenizersBackend.from_pretrained(str(model_dir), local_files_only=True)
+            if not (model_dir / "tokenizer.json").is_file() and (model_dir / "tekken.json").is_file():
+                self.tokenizer = _from_tekken(model_dir / "tekken.json")
+            else:
+                self.tokenizer = TokenizersBackend.from_pretrained(str(model_dir), local_files_only=True)
         except Exception as exc:  # any failure here means the tokenizer files are unusable
             raise CheckpointError(
                 f"The tokenizer in {model_dir} cannot be loaded ({type(exc).__name__}: {exc}). "
-                "Copy tokenizer.json, tokenizer_config.json and chat_template.jinja again."
+                "Copy tokenizer.json, tokenizer_config.json and chat_template.jinja (or, for the "
+                "NVFP4 release, tekken.json) again."
             ) from exc
         if not getattr(self.tokenizer, "chat_template", None):
             raise CheckpointError(
@@ -147,6 +151,17 @@ def _document_blocks(msg: api.ChatMessage, read_document: DocumentReader,
             blocks += [{"type": "text", "text": f"[p. {number}] (scanned page of {path.name})"},
                        {"type": "image"}]
     return blocks
+
+
+def _from_tekken(tekken: Path):
+    """The tokenizer of a native folder (the NVFP4 release ships tekken.json only): converted by
+    transformers from tekken.json, with the v15 reasoning chat template mistral-common generates
+    for this tokenizer version (the one the FP8 release ships as chat_template.jinja)."""
+    from transformers.integrations.mistral.tokenizer import convert_tekken_tokenizer
+
+    from engine.tiny_tokenizer import chat_template
+
+    return convert_tekken_tokenizer(str(tekken), chat_template=chat_template())
 
 
 def _default_system_prompt(model_dir: Path) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,8 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
 @dataclass(frozen=True)
 class TensorInfo:
-    name: str
-    file: Path
+    name: str  # in the file
+    file: Path | None  # None: derived (Checkpoint.derived forms it)
     dtype: str
     shape: tuple[int, ...]
     num_bytes: int
@@ -38,16 +39,25 @@ class Checkpoint:
     """A validated model folder. `get()` reads one tensor, memory-mapped, on demand."""
 
     def __init__(self, path: Path, config: ModelConfig, raw_config: dict[str, Any],
-                 tensors: dict[str, TensorInfo]) -> None:
+                 tensors: dict[str, TensorInfo], derived: dict[str, Callable[[], Any]] | None = None,
+                 native: dict[str, TensorInfo] | None = None) -> None:
+        """`derived`: tensors formed from others when read (a Mistral-native folder's NVFP4
+        shared experts, dequantised), listed in `tensors` with the shape and dtype they are read
+        in and no file. `native`: every tensor under the folder's own names, where they differ
+        (the host store reads the NVFP4 experts as shipped); `tensors` holds the engine's names."""
         self.path = path
         self.config = config
         self.raw_config = raw_config
         self.tensors = tensors
+        self.derived = derived or {}
+        self.native = native or {}
         self._handles: dict[Path, Any] = {}
 
     @property
     def total_bytes(self) -> int:
-        return sum(t.num_bytes for t in self.tensors.values())
+        """Bytes of the files' tensors (derived ones are views of these)."""
+        stored = self.native.values() if self.native else self.tensors.values()
+        return sum(t.num_bytes for t in stored if t.file is not None)
 
     @property
     def name(self) -> str:
@@ -55,25 +65,38 @@ class Checkpoint:
 
     @classmethod
     def open(cls, path: Path | str) -> Checkpoint:
-        """Validate the folder and index its tensors (reads only headers). Raises CheckpointError."""
+        """Validate the folder and index its tensors (reads only headers). Raises CheckpointError.
+        Mistral's native layout (params.json, consolidated-*.safetensors: the NVFP4 release) is
+        read through engine.checkpoint_native under the engine's names."""
         folder = _check_folder(Path(path).expanduser())
+        if not (folder / "config.json").is_file():  # _check_folder: then params.json is there
+            from engine.checkpoint_native import open_native
+
+            return open_native(folder)
         raw = _read_json(folder / "config.json", "config.json")
         config = ModelConfig.from_hf(raw, where=str(folder / "config.json"))
-        tensors = _index_tensors(folder)
+        tensors = index_tensors(folder, INDEX_FILE, SINGLE_FILE)
         _check_against_config(folder, config, tensors)
         return cls(folder, config, raw, tensors)
 
     def get(self, name: str, device: str = "cpu"):
-        """One tensor as stored (FP8 stays FP8), memory-mapped from its shard."""
+        """One tensor as stored (FP8 stays FP8), memory-mapped from its shard; a derived one as
+        formed on reading. `name` is the engine's (or, for `native` tensors, the folder's)."""
+        if name in self.derived:
+            return self.derived[name]()
+        info = self.tensors.get(name) or self.native.get(name)
+        if info is None or info.file is None:
+            raise CheckpointError(f"{self.path} has no tensor {name}; the checkpoint is incomplete.")
+        return self._read(info, device)
+
+    def _read(self, info: TensorInfo, device: str = "cpu"):
         from safetensors import safe_open
 
-        info = self.tensors.get(name)
-        if info is None:
-            raise CheckpointError(f"{self.path} has no tensor {name}; the checkpoint is incomplete.")
         handle = self._handles.get(info.file)
         if handle is None:
             handle = safe_open(str(info.file), framework="pt", device=device)
             self._handles[info.file] = handle
+        name = info.name  # the name in the file, which a native folder's renaming keeps
         try:
             return handle.get_tensor(name)
         except Exception as exc:  # I/O error on a removable drive, a shard replaced on disk
@@ -94,14 +117,16 @@ def _check_folder(folder: Path) -> Path:
             f"{folder} is a file, not a folder. Choose the folder that holds config.json and "
             "the model-0000x-of-0000y.safetensors files."
         )
-    if not (folder / "config.json").is_file():
+    if not (folder / "config.json").is_file() and not (folder / "params.json").is_file():
         hint = ""
-        subdirs = [p for p in folder.iterdir() if p.is_dir() and (p / "config.json").is_file()]
+        subdirs = [p for p in folder.iterdir() if p.is_dir() and
+                   ((p / "config.json").is_file() or (p / "params.json").is_file())]
         if subdirs:
             hint = f" It looks like the model is in {subdirs[0]}."
         raise CheckpointError(
-            f"{folder} has no config.json, so it is not a model folder.{hint} Choose the folder "
-            "that holds config.json and the model-0000x-of-0000y.safetensors files."
+            f"{folder} has neither config.json nor params.json, so it is not a model folder.{hint} "
+            "Choose the folder that holds config.json and the model-0000x-of-0000y.safetensors "
+            "files (or, for the NVFP4 release, params.json and the consolidated files)."
         )
     return folder
 
@@ -119,17 +144,17 @@ def _read_json(path: Path, label: str) -> dict[str, Any]:
     return data
 
 
-def _weight_map(folder: Path) -> dict[str, str]:
-    if (folder / INDEX_FILE).is_file():
-        index = _read_json(folder / INDEX_FILE, INDEX_FILE)
+def _weight_map(folder: Path, index_file: str, single_file: str) -> dict[str, str]:
+    if (folder / index_file).is_file():
+        index = _read_json(folder / index_file, index_file)
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{INDEX_FILE} in {folder} lists no tensors; copy it again.")
+            raise CheckpointError(f"{index_file} in {folder} lists no tensors; copy it again.")
         return weight_map
-    if (folder / SINGLE_FILE).is_file():
+    if (folder / single_file).is_file():
         return {}
     raise CheckpointError(
-        f"{folder} has no weights: neither {INDEX_FILE} nor {SINGLE_FILE} is there. "
+        f"{folder} has no weights: neither {index_file} nor {single_file} is there. "
         "Copy the whole model folder, including every .safetensors file."
     )
 
@@ -165,9 +190,11 @@ def read_header(file: Path) -> tuple[dict[str, Any], int]:
     return header, 8 + header_len
 
 
-def _index_tensors(folder: Path) -> dict[str, TensorInfo]:
-    weight_map = _weight_map(folder)
-    files = sorted(set(weight_map.values())) or [SINGLE_FILE]
+def index_tensors(folder: Path, index_file: str, single_file: str) -> dict[str, TensorInfo]:
+    """Every tensor of the folder's shards (listed by `index_file`, else the one `single_file`)
+    by its name in the files, checked against the index."""
+    weight_map = _weight_map(folder, index_file, single_file)
+    files = sorted(set(weight_map.values())) or [single_file]
     missing = [f for f in files if not (folder / f).is_file()]
     if missing:
         raise CheckpointError(
@@ -186,7 +213,7 @@ def _index_tensors(folder: Path) -> dict[str, TensorInfo]:
     for name, fname in weight_map.items():
         if name not in tensors or tensors[name].file.name != fname:
             raise CheckpointError(
-                f"{INDEX_FILE} says {name} is in {fname}, but it is not there; the folder mixes "
+                f"{index_file} says {name} is in {fname}, but it is not there; the folder mixes "
                 "files from different downloads. Copy the whole model folder again."
             )
     return tensors

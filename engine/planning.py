@@ -12,7 +12,8 @@ from pathlib import Path
 from engine import api
 from engine.checkpoint import Checkpoint, TensorInfo
 from engine.errors import OutOfMemoryError
-from engine.experts import int4
+from engine.experts import int4, nvfp4
+from engine.experts.store import host_format_for
 from engine.model.names import TEXT, layer_prefix
 from engine.placement import (
     ModelShape,
@@ -51,9 +52,11 @@ def shape_of(ckpt: Checkpoint, host_format: str = "fp8") -> ModelShape:
 
 
 def _host_bytes(t: TensorInfo, host_format: str) -> int:
+    *lead, rows, cols = t.shape
+    if host_format == "nvfp4":  # blobs plus a float32 divisor per row
+        return math.prod(lead) * rows * (nvfp4.blob_width(cols) + 4)
     if host_format != "int4":  # fp8 and int8: one byte per weight, like the FP8 as shipped
         return t.num_bytes
-    *lead, rows, cols = t.shape
     int4.check_shape(rows, cols)
     return math.prod(lead) * rows * int4.blob_width(cols)
 
@@ -85,15 +88,17 @@ def make_plan(ckpt: Checkpoint, device: str, gpu_budget_bytes: int | None, conte
 
 def plan_for_folder(req: api.PlanModel) -> api.PlanReady:
     ckpt = Checkpoint.open(Path(req.model_dir).expanduser())
+    requested = host_format_for(ckpt.config, req.host_format)
+
     def plan_for(host_format: str) -> PlacementPlan:
         return make_plan(ckpt, req.device, req.gpu_budget_bytes, req.context_length,
                          host_format=host_format)
 
-    plan, fmt = plan_in_format(req.host_format, plan_for)
+    plan, fmt = plan_in_format(requested, plan_for)
     parts = tuple(api.PlanPart(dev, what, int(n)) for dev, what, n in plan.to_parts())
     gpu_bytes = sum(t.used_bytes for t in plan.targets if t.is_gpu)
     host = plan.shape.host_expert_bytes if plan.host_store == "pinned" else 0
-    summary = plan.summary() if fmt == req.host_format else f"{INT4_NEEDS_RAM}: {plan.summary()}"
+    summary = plan.summary() if fmt == requested else f"{INT4_NEEDS_RAM}: {plan.summary()}"
     return api.PlanReady(req.request_id, Path(req.model_dir), plan.fits, summary, parts, host,
                          gpu_bytes, _other_precision(ckpt, plan, fmt, plan_for))
 
@@ -101,8 +106,9 @@ def plan_for_folder(req: api.PlanModel) -> api.PlanReady:
 def _other_precision(ckpt: Checkpoint, plan: PlacementPlan, fmt: str,
                      plan_for: Callable[[str], PlacementPlan]) -> str:
     """One sentence on what the other expert precision would cache on the GPUs ("" where it
-    does not apply: no GPU, a model int4 cannot take, or RAM too short for int4)."""
-    if not any(t.is_gpu for t in plan.targets):
+    does not apply: no GPU, a model int4 cannot take, or RAM too short for int4; the NVFP4
+    release has one precision, as shipped)."""
+    if not any(t.is_gpu for t in plan.targets) or fmt == "nvfp4":
         return ""
     other = "fp8" if fmt == "int4" else "int4"
     cfg = ckpt.config
@@ -130,6 +136,12 @@ def plan_in_format(host_format: str, plan_for: Callable[[str], PlacementPlan]) -
     is short (the plan maps the files instead), the store serves FP8 from the mapped files,
     whose larger experts need a plan of their own."""
     plan = plan_for(host_format)
+    if host_format == "nvfp4" and plan.host_store == "mmap":
+        need, have = plan.shape.host_expert_bytes / 1e9, detect_host_memory()[1] / 1e9
+        raise OutOfMemoryError(
+            f"The NVFP4 experts need {need:.0f} GB of RAM and {have:.0f} GB is free. Close other "
+            "programs, or use the FP8 release (config.json folder), which Quire can serve from "
+            "disk when RAM is short.")
     if host_format == "int4" and plan.host_store == "mmap":
         log.warning("%s (FP8 served from the memory-mapped files)", INT4_NEEDS_RAM)
         return plan_for("fp8"), "fp8"
@@ -141,6 +153,7 @@ def planned_options(opts, ckpt: Checkpoint, gpu_budget_bytes: int | None = None,
     """See _placed_options; then host_format "auto" becomes int8 when experts are offloaded
     (PyTorch's CPU kernel reads int8 ~100x faster than FP8, so the CPU can serve misses; the
     requantisation adds ~0.9% relative weight error to FP8's own ~2.7%), else fp8."""
+    opts = replace(opts, host_format=host_format_for(ckpt.config, opts.host_format))
     opts = _placed_options(opts, ckpt, gpu_budget_bytes, as_layers)
     if opts.host_format == "auto":
         opts = replace(opts, host_format=auto_host_format(opts.expert_cache_slots, opts.host_mode))
@@ -164,11 +177,12 @@ def _placed_options(opts, ckpt: Checkpoint, gpu_budget_bytes: int | None, as_lay
         if opts.expert_cache_slots is not None:
             return opts
         _, available = detect_host_memory()
-        expert_bytes = shape_of(ckpt).host_expert_bytes
-        if 2 * expert_bytes < available // 2:
+        cfg = ckpt.config  # resident experts are held in bf16, two bytes per weight
+        if 6 * cfg.num_hidden_layers * cfg.n_routed_experts * cfg.hidden_size \
+                * cfg.moe_intermediate_size < available // 2:
             return opts
-        if opts.host_format == "int4":  # RAM holds int4's smaller copy, where FP8's may not fit
-            expert_bytes = shape_of(ckpt, "int4").host_expert_bytes
+        # In RAM in the host format (int4's and NVFP4's copies are smaller than FP8's).
+        expert_bytes = shape_of(ckpt, opts.host_format).host_expert_bytes
         return replace(opts, expert_cache_slots=0,
                        host_mode="ram" if expert_bytes < 0.9 * available else "mmap")
     def plan_for(host_format: str) -> PlacementPlan:

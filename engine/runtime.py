@@ -38,7 +38,8 @@ class LoadOptions:
     max_sessions: int = 4
     host_mode: str = "pinned"  # "pinned" | "mmap": where offloaded experts live on the host
     # "fp8" (as shipped, exact) | "int8" (per-row, fast CPU kernel) | "int4" (opt-in, 0.56x the
-    # bytes, lossy: engine.experts.int4) | "auto" (see planning)
+    # bytes, lossy: engine.experts.int4) | "auto" (see planning); the NVFP4 release always
+    # holds "nvfp4" as shipped (engine.experts.store.host_format_for)
     host_format: str = "fp8"
     prefetch: bool = False  # copy layer i+1's predicted experts while layer i runs (offload only)
     policy: str = "shift"  # expert-cache replacement: "shift" | "lrfu" | "lru" (engine.experts.policy)

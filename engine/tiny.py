@@ -221,8 +221,9 @@ def all_tensors(s: TinyShape) -> dict:
     return t
 
 
-def write_shards(tensors: dict, out: Path, num_shards: int) -> None:
-    """Split tensors (in order) into `num_shards` files plus the HF index."""
+def write_shards(tensors: dict, out: Path, num_shards: int, stem: str = "model") -> None:
+    """Split tensors (in order) into `num_shards` files plus their index: `stem` "model" writes
+    the HF names (model-00001-of-00002.safetensors), "consolidated" Mistral's native ones."""
     from safetensors.torch import save_file
 
     names = list(tensors)
@@ -239,7 +240,7 @@ def write_shards(tensors: dict, out: Path, num_shards: int) -> None:
         acc += nbytes
     weight_map = {}
     for i, group in enumerate(groups, start=1):
-        fname = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        fname = f"{stem}-{i:05d}-of-{len(groups):05d}.safetensors"
         save_file({n: tensors[n].contiguous() for n in group}, str(out / fname), metadata={"format": "pt"})
         weight_map |= {n: fname for n in group}
     index = {
@@ -249,7 +250,7 @@ def write_shards(tensors: dict, out: Path, num_shards: int) -> None:
         },
         "weight_map": dict(sorted(weight_map.items())),
     }
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (out / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def write_tiny_checkpoint(

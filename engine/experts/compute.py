@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from engine.experts import int4
+from engine.experts import int4, nvfp4
 from engine.model.moe import expert_mlp
 from engine.quant import FP8_DTYPE
 
-QUANTISED = {FP8_DTYPE: "fp8", torch.int8: "int8", torch.uint8: "int4"}  # uint8: int4 blobs
+# uint8: int4 blobs; float4_e2m1fn_x2: NVFP4 blobs (engine.experts.nvfp4)
+QUANTISED = {FP8_DTYPE: "fp8", torch.int8: "int8", torch.uint8: "int4", nvfp4.BLOB_DTYPE: "nvfp4"}
 
 
 def eager_dequantize(weight: torch.Tensor, scale: torch.Tensor,
@@ -23,6 +24,8 @@ def eager_dequantize(weight: torch.Tensor, scale: torch.Tensor,
     fused kernel (engine.experts.dequant_kernel) must equal bit for bit in bf16."""
     if weight.dtype == torch.uint8:  # int4 blob: its scales are inside
         return int4.dequantize(weight, dtype)
+    if weight.dtype == nvfp4.BLOB_DTYPE:  # NVFP4 blob: the row scales are its global divisors
+        return nvfp4.dequantize(weight, scale, dtype)
     if weight.dtype not in QUANTISED:
         return weight.to(dtype)
     s = scale.to(device=weight.device, dtype=torch.float32)
@@ -61,7 +64,8 @@ def expert_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -
 def cpu_expert_forward(x: torch.Tensor, gate_up: torch.Tensor, gate_up_scale: torch.Tensor,
                        down: torch.Tensor, down_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """One expert on the CPU straight from the host format: int8 and int4 through PyTorch's
-    weight-only kernels (no dequantised copy), FP8 by eager dequantisation. x [t, H] -> [t, H]."""
+    weight-only kernels (no dequantised copy), FP8 and NVFP4 by eager dequantisation (PyTorch
+    has no CPU kernel for either). x [t, H] -> [t, H]."""
     if gate_up.dtype == torch.int8:
         def matmul(xs: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
             return torch.ops.aten._weight_int8pack_mm(xs, w, s.to(dtype))

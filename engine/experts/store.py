@@ -3,9 +3,10 @@
 Two modes: "pinned" copies each layer's fused tensors from the memory-mapped shards into
 page-locked RAM once (fast PCIe copies, one copy of the weights: the mapping is dropped);
 "mmap" serves them straight from the mapped files (RAM short: the OS pages them in).
-Three formats: "fp8" as shipped (exact); "int8" with per-row scales, requantised once at load,
-which PyTorch's CPU int8 kernel reads ~14x faster than FP8 (one byte per weight either way);
-or, opt-in, "int4" (engine.experts.int4: 0.56x the bytes, lossy). RAM holds one copy, which
+Formats of an FP8 checkpoint: "fp8" as shipped (exact); "int8" with per-row scales, requantised
+once at load, which PyTorch's CPU int8 kernel reads ~14x faster than FP8 (one byte per weight
+either way); or, opt-in, "int4" (engine.experts.int4: 0.56x the bytes, lossy). The NVFP4
+release's experts stay "nvfp4" as shipped (engine.experts.nvfp4). RAM holds one copy, which
 both the PCIe and the CPU path read.
 Glossary: E experts, I expert width, H hidden, R rows.
 """
@@ -21,16 +22,31 @@ import numpy as np
 import torch
 
 from engine.checkpoint import Checkpoint, TensorInfo
-from engine.experts import int4
+from engine.errors import InputError
+from engine.experts import int4, nvfp4
 from engine.experts.pinned import host_empty
+from engine.model.config import ModelConfig
 from engine.model.names import layer_prefix
 from engine.quant import FP8_DTYPE
 
 log = logging.getLogger(__name__)
 
-HOST_FORMATS = ("fp8", "int8", "int4")
-NP_DTYPES = {"F8_E4M3": np.uint8, "BF16": np.uint16, "F16": np.float16, "F32": np.float32}
-TORCH_VIEW = {"F8_E4M3": FP8_DTYPE, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+HOST_FORMATS = ("fp8", "int8", "int4", "nvfp4")
+NP_DTYPES = {"F8_E4M3": np.uint8, "BF16": np.uint16, "F16": np.float16, "F32": np.float32, "U8": np.uint8}
+TORCH_VIEW = {"F8_E4M3": FP8_DTYPE, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
+              "U8": torch.uint8}
+
+
+def host_format_for(cfg: ModelConfig, requested: str) -> str:
+    """The host format a load uses: the NVFP4 release's experts stay as shipped whatever was
+    asked (its 4-bit experts are already as small as int4's, and more exact than requantising);
+    NVFP4 exists only there."""
+    if cfg.expert_format == "nvfp4":
+        return "nvfp4"
+    if requested == "nvfp4":
+        raise InputError("NVFP4 experts come only with Mistral's NVFP4 release folder. For this "
+                         "model choose 8-bit or 4-bit experts in the model panel.")
+    return requested
 
 
 def mapped_tensor(info: TensorInfo) -> torch.Tensor:
@@ -68,7 +84,13 @@ class HostExpertStore:
             raise ValueError(f"unknown host store mode {mode!r}")
         if fmt not in HOST_FORMATS:
             raise ValueError(f"unknown host expert format {fmt!r}")
-        if fmt != "fp8" and mode == "mmap":
+        fmt = host_format_for(ckpt.config, fmt)
+        if fmt == "nvfp4" and mode == "mmap":
+            # The blobs are built at load (codes and scales are separate tensors in the files),
+            # so they need RAM; planning refuses a machine short of it (engine.planning).
+            log.warning("NVFP4 experts are built in RAM, not served from the mapped files")
+            mode = "ram"
+        elif fmt != "fp8" and mode == "mmap":
             # Requantised weights exist only in RAM, which is short (that is why mmap was
             # chosen): serve FP8 as shipped from the mapped files rather than run out of memory.
             log.warning("host format %s needs the experts in RAM; RAM is short, so FP8 is "
@@ -85,6 +107,8 @@ class HostExpertStore:
                 progress(layer + 1, num_layers)
 
     def _load_layer(self, ckpt: Checkpoint, layer: int) -> LayerExperts:
+        if self.fmt == "nvfp4":
+            return load_nvfp4_layer(ckpt, layer, self.mode == "pinned")
         p = f"{layer_prefix(layer)}.mlp.experts"
         tensors, scales = [], []
         for name in ("gate_up_proj", "down_proj"):
@@ -128,6 +152,27 @@ class HostExpertStore:
     def num_bytes(self) -> int:
         return sum(t.gate_up.numel() * t.gate_up.element_size() + t.down.numel() * t.down.element_size()
                    for t in self.layers)
+
+
+def load_nvfp4_layer(ckpt: Checkpoint, layer: int, pin: bool) -> LayerExperts:
+    """One layer of the NVFP4 release's routed experts as blobs (engine.experts.nvfp4), straight
+    from the memory-mapped files into (pinned) RAM: gate_up takes w1's rows then w3's, each
+    with its matrix's global divisor as the rows' scale."""
+    cfg = ckpt.config
+    num_experts, width, hidden = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+    gate_up = host_empty((num_experts, 2 * width, nvfp4.blob_width(hidden)), nvfp4.BLOB_DTYPE, pin)
+    down = host_empty((num_experts, hidden, nvfp4.blob_width(width)), nvfp4.BLOB_DTYPE, pin)
+    gate_up_div = torch.empty((num_experts, 2 * width))
+    down_div = torch.empty((num_experts, hidden))
+    for e in range(num_experts):
+        p = f"layers.{layer}.experts.{e}"
+        for name, blob, div in ((f"{p}.w1", gate_up[e, :width], gate_up_div[e, :width]),
+                                (f"{p}.w3", gate_up[e, width:], gate_up_div[e, width:]),
+                                (f"{p}.w2", down[e], down_div[e])):
+            nvfp4.pack(mapped_tensor(ckpt.native[f"{name}.weight_packed"]),
+                       mapped_tensor(ckpt.native[f"{name}.weight_scale"]), blob)
+            div.fill_(float(ckpt.get(f"{name}.weight_global_scale").float().reshape(())))
+    return LayerExperts(gate_up, down, gate_up_div, down_div)
 
 
 def requantize_int8(weights: torch.Tensor, scales: torch.Tensor, out: torch.Tensor | None = None,

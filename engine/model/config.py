@@ -50,6 +50,9 @@ class ModelConfig:
     vision_patch_size: int
     vision: dict[str, Any]
     is_fp8: bool
+    # How the routed experts are stored: "fp8" or "bf16" (config.json folders), or "nvfp4"
+    # (Mistral's native NVFP4 release, engine.checkpoint_native).
+    expert_format: str = "fp8"
 
     @property
     def qk_head_dim(self) -> int:
@@ -124,5 +127,5 @@ class ModelConfig:
             image_token_id=int(raw.get("image_token_index", raw.get("image_token_id", 10))),
             spatial_merge_size=int(raw.get("spatial_merge_size", 2)),
             vision_patch_size=int(vision.get("patch_size", 14)),
-            vision=dict(vision), is_fp8=bool(quant),
+            vision=dict(vision), is_fp8=bool(quant), expert_format="fp8" if quant else "bf16",
         )

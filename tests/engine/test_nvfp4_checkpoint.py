@@ -1,0 +1,208 @@
+"""Mistral's native NVFP4 release folder (params.json, consolidated shards, tekken.json): opened
+under the engine's names, every path against transformers on the same weights, its errors.
+
+The oracle (tests.helpers.oracle.native_reference_model) decodes NVFP4 and renames the tensors
+on its own, after transformers' conversion table, with transformers' own rotary permutation for
+the vision tower; its config is the HF release's config.json for the same tiny shape.
+Tolerance: fp32 logits within 1e-4 absolute (measured ~3e-6: summation order only).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import api
+from engine.api import SamplingParams
+from engine.checkpoint import Checkpoint
+from engine.errors import CheckpointError, InputError, OutOfMemoryError
+from engine.experts import nvfp4
+from engine.experts.store import HostExpertStore, host_format_for
+from engine.generate import Generator
+from engine.planning import plan_in_format, shape_of
+from engine.runtime import LoadedModel, LoadOptions
+from engine.tiny import TinyShape
+from engine.tiny_native import write_tiny_nvfp4_checkpoint
+from tests.helpers.assert_close import assert_close
+from tests.helpers.oracle import native_reference_model
+
+FP32_ATOL = 1e-4
+PROMPT_IDS = [1, 306, 4658, 278, 6593, 310, 2834, 338, 1000, 2000, 3000, 4000, 5000, 77, 99, 123]
+SHAPE = TinyShape()
+
+
+@pytest.fixture(scope="module")
+def nvfp4_folder(tmp_path_factory, tokenizer_dir) -> Path:
+    return write_tiny_nvfp4_checkpoint(tmp_path_factory.mktemp("nvfp4"), SHAPE, tokenizer_from=tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(nvfp4_folder):
+    return native_reference_model(nvfp4_folder, SHAPE)
+
+
+def _ours(folder: Path, **kw) -> LoadedModel:
+    return LoadedModel(folder, LoadOptions(device="cpu", dtype="float32", **kw))
+
+
+def test_the_folder_opens_under_the_engine_names(nvfp4_folder):
+    ckpt = Checkpoint.open(nvfp4_folder)
+    cfg = ckpt.config
+    assert (cfg.expert_format, cfg.is_fp8, cfg.num_hidden_layers, cfg.n_routed_experts) == ("nvfp4", False, 2, 8)
+    assert cfg.rope_mscale_all_dim == 1.0  # the FP8 release's YaRN reading (see checkpoint_native)
+    assert cfg.vision and cfg.image_token_id == 10
+    gate_up = ckpt.get("language_model.model.layers.1.mlp.experts.gate_up_proj")
+    assert gate_up.shape == (8, 64, 64)
+    # The derived fused experts are the shipped NVFP4 values, w1's rows then w3's.
+    w3 = nvfp4.dequantize_shipped(*(ckpt.get(f"layers.1.experts.5.w3.{p}") for p in
+                                    ("weight_packed", "weight_scale", "weight_global_scale")))
+    assert torch.equal(gate_up[5, 32:], w3)
+    files = sum(f.stat().st_size for f in nvfp4_folder.glob("consolidated-*.safetensors"))
+    assert 0.99 * files < ckpt.total_bytes <= files  # headers aside, each stored tensor once
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"expert_cache_slots": 0}, {"expert_cache_slots": 2}, {"expert_cache_slots": 2, "num_targets": 2},
+    {"expert_cache_slots": 3, "prefetch": True},
+], ids=["resident", "all-offloaded", "2-slots", "two-targets", "prefetch"])
+def test_prefill_logits_match_transformers(nvfp4_folder, reference, options):
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor([PROMPT_IDS])).logits[0]
+    model = _ours(nvfp4_folder, **options)
+    ours = model.forward(model.embed_ids(PROMPT_IDS), model.decoder.new_cache(), logits_for="all")
+    assert_close(f"nvfp4 {options}", ours, expected, FP32_ATOL)
+    if options:
+        assert model.decoder.experts.store.fmt == "nvfp4"
+
+
+def test_chunked_greedy_decode_through_the_cache_matches_transformers(nvfp4_folder, reference):
+    model = _ours(nvfp4_folder, expert_cache_slots=2)
+    prompt = model.formatter.build([api.ChatMessage("user", "Summarise the report.")], "Be brief.", "none")
+    result = Generator(model, prompt, SamplingParams(temperature=0.0, max_tokens=12),
+                       model.decoder.new_cache(), prefill_chunk=7).run()
+    ids = prompt.ids + result.output_ids
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor([ids])).logits[0]
+    picks = expected[len(prompt.ids) - 1: -1].argmax(-1).tolist()
+    assert result.output_ids[: len(picks)] == picks
+
+
+def test_image_prompt_matches_transformers(nvfp4_folder, reference, tmp_path):
+    """The vision tower's rotary projections are reordered from Mistral's interleaved pairs."""
+    from PIL import Image
+
+    img = tmp_path / "photo.png"
+    Image.effect_mandelbrot((90, 60), (-2.0, -1.2, 1.0, 1.2), 64).convert("RGB").save(img)
+    model = _ours(nvfp4_folder)
+    prompt = model.formatter.build([api.ChatMessage("user", "What is this?", images=(img,))], "", "none")
+    ours = model.forward(model.embed_prompt(prompt, 0), model.decoder.new_cache(), logits_for="all")
+    pixels = torch.from_numpy(prompt.images[0].pixels)[None]
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor([prompt.ids]), pixel_values=pixels,
+                             image_sizes=torch.tensor([pixels.shape[2:]])).logits[0]
+    assert_close("nvfp4 image prompt", ours, expected, FP32_ATOL)
+
+
+def test_tekken_only_tokenizer_renders_as_the_release_files(nvfp4_folder, tiny_checkpoint):
+    """tekken.json alone (the NVFP4 release) gives the prompts of the HF release's tokenizer files."""
+    from engine.chat import ChatFormatter
+
+    messages = [api.ChatMessage("user", "Hello there, how are you?"), api.ChatMessage("assistant", "Fine."),
+                api.ChatMessage("user", "Explain MoE offloading in two lines.")]
+    for effort in ("none", "high"):
+        native = ChatFormatter(nvfp4_folder).build(messages, "Be brief.", effort).ids
+        assert native == ChatFormatter(tiny_checkpoint).build(messages, "Be brief.", effort).ids
+    assert ChatFormatter(nvfp4_folder).decode([1, 22177, 2]) == ChatFormatter(tiny_checkpoint).decode([1, 22177, 2])
+
+
+def test_host_format_is_the_shipped_one(nvfp4_folder, tiny_checkpoint):
+    ckpt = Checkpoint.open(nvfp4_folder)
+    assert {host_format_for(ckpt.config, f) for f in ("auto", "fp8", "int8", "int4")} == {"nvfp4"}
+    with pytest.raises(InputError, match="NVFP4 release"):
+        host_format_for(Checkpoint.open(tiny_checkpoint).config, "nvfp4")
+    store = HostExpertStore(ckpt, "mmap", "int8")  # blobs are built in RAM, never mapped
+    layer = store.layers[0]
+    assert (store.fmt, store.mode, layer.gate_up.dtype) == ("nvfp4", "ram", nvfp4.BLOB_DTYPE)
+    assert layer.gate_up.shape == (8, 64, nvfp4.blob_width(64)) and layer.down_scale.shape == (8, 64)
+    assert shape_of(ckpt, "nvfp4").expert_bytes == nvfp4.expert_bytes(64, 32)
+
+
+def test_a_machine_short_of_ram_gets_a_clear_error(nvfp4_folder):
+    ckpt = Checkpoint.open(nvfp4_folder)
+    from engine.placement import plan_placement
+
+    def plan_for(fmt):
+        return plan_placement(shape_of(ckpt, fmt), [], host_available_bytes=1000, host_total_bytes=2000,
+                              context_length=4096, targets=["cpu"])
+
+    if plan_for("nvfp4").host_store != "mmap":
+        pytest.skip("the planner keeps these experts in RAM")
+    with pytest.raises(OutOfMemoryError, match="NVFP4 experts need .* RAM.*FP8 release"):
+        plan_in_format("nvfp4", plan_for)
+
+
+def _copy(folder: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "copy"
+    shutil.copytree(folder, out)
+    return out
+
+
+def test_broken_folders_say_what_is_wrong(nvfp4_folder, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy(nvfp4_folder, tmp_path)
+    shard = folder / "consolidated-00002-of-00002.safetensors"
+    tensors = load_file(str(shard))
+    name = next(n for n in tensors if n.endswith("weight_scale"))
+    save_file({**tensors, name: tensors[name].view(torch.uint8)}, str(shard))
+    with pytest.raises(CheckpointError, match=f"{name} is U8.*params.json implies F8_E4M3"):
+        Checkpoint.open(folder)
+    # Mistral's native copy of the FP8 release (qscale tensors): refused with the way out.
+    save_file({**tensors, "layers.0.attention.wo.qscale_weight": torch.ones(1)}, str(shard))
+    index = json.loads((folder / "consolidated.safetensors.index.json").read_text())
+    index["weight_map"]["layers.0.attention.wo.qscale_weight"] = shard.name
+    (folder / "consolidated.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="for the FP8 release choose the folder with config.json"):
+        Checkpoint.open(folder)
+    (folder / "params.json").write_text("{ not json")
+    with pytest.raises(CheckpointError, match="params.json .* cannot be read"):
+        Checkpoint.open(folder)
+    params = json.loads((nvfp4_folder / "params.json").read_text())
+    (folder / "params.json").write_text(json.dumps({**params, "moe": {**params["moe"], "first_k_dense_replace": 1}}))
+    with pytest.raises(CheckpointError, match="dense layers"):
+        Checkpoint.open(folder)
+    del params["yarn"]
+    (folder / "params.json").write_text(json.dumps(params))
+    with pytest.raises(CheckpointError, match="invalid value for 'yarn'"):
+        Checkpoint.open(folder)
+
+
+def test_a_missing_expert_tensor_is_named(nvfp4_folder, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy(nvfp4_folder, tmp_path)
+    shard = folder / "consolidated-00002-of-00002.safetensors"
+    tensors = load_file(str(shard))
+    gone = next(n for n in tensors if ".experts." in n and n.endswith("weight_packed"))
+    del tensors[gone]
+    save_file(tensors, str(shard))
+    index = json.loads((folder / "consolidated.safetensors.index.json").read_text())
+    del index["weight_map"][gone]
+    (folder / "consolidated.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=f"lacks 1 tensor.*{gone}"):
+        Checkpoint.open(folder)
+
+
+def test_a_text_only_params_json_loads_without_vision(nvfp4_folder, tmp_path):
+    """A params.json without vision_encoder describes a text model; the folder's vision tensors
+    are then not part of it (an error naming one), as for config.json folders."""
+    folder = _copy(nvfp4_folder, tmp_path)
+    params = json.loads((folder / "params.json").read_text())
+    del params["vision_encoder"]
+    (folder / "params.json").write_text(json.dumps(params))
+    with pytest.raises(CheckpointError, match="does not describe, e.g. (vision_encoder|patch_merger|pre_mm)"):
+        Checkpoint.open(folder)
