@@ -168,8 +168,9 @@ def _load_options(req: api.LoadModel, ckpt):
     return planned_options(opts, ckpt, req.gpu_budget_bytes)
 
 
-EXPERT_STAGES = {"int4": "preparing 4-bit experts", "int8": "preparing 8-bit experts"}
-FORMAT_NAMES = {"fp8": "8-bit FP8", "int8": "8-bit int8", "int4": "4-bit"}
+EXPERT_STAGES = {"int4": "preparing 4-bit experts", "int8": "preparing 8-bit experts",
+                 "nvfp4": "reading NVFP4 experts"}
+FORMAT_NAMES = {"fp8": "8-bit FP8", "int8": "8-bit int8", "int4": "4-bit", "nvfp4": "NVFP4 (4-bit as shipped)"}
 
 
 def _device_summary(model) -> str:

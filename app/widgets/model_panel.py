@@ -33,7 +33,17 @@ PRECISION_TIP = (
     "and answers come faster, at a small cost in accuracy. Applies at the next load; some "
     "models, like the demo, support only 8-bit."
 )
+NVFP4_TIP = (
+    "This folder is Mistral's NVFP4 release: its experts are 4-bit as Mistral ships them, so "
+    "there is no precision to choose."
+)
 GIB = 1024**3
+
+
+def is_nvfp4_release(folder: Path) -> bool:
+    """Mistral's native NVFP4 release: params.json and no config.json (the engine reads its
+    experts as shipped, whatever precision is chosen)."""
+    return (folder / "params.json").is_file() and not (folder / "config.json").is_file()
 
 
 def progress_text(done: int, total: int, elapsed_s: float, stage: str) -> str:
@@ -119,6 +129,7 @@ class ModelPanel(QWidget):
         self.precision_combo.currentIndexChanged.connect(
             lambda: self.precision_changed.emit(self.host_format())
         )
+        self.folder_edit.textChanged.connect(self._show_precision_for_folder)
         self.plan_button = QPushButton("Check plan", self)
         self.plan_button.clicked.connect(lambda: self._emit_for_folder(self.plan_requested))
         self.load_button = QPushButton("Load", self)
@@ -177,6 +188,13 @@ class ModelPanel(QWidget):
         index = self.context_combo.findData(context_length)
         self.context_combo.setCurrentIndex(index if index >= 0 else 2)
         self.precision_combo.setCurrentIndex(max(0, self.precision_combo.findData(host_format)))
+
+    def _show_precision_for_folder(self) -> None:
+        """The choice does not apply to the NVFP4 release: greyed out, with the reason."""
+        text = self.folder_edit.text().strip()
+        shipped = bool(text) and is_nvfp4_release(self.folder())
+        self.precision_combo.setEnabled(not shipped)
+        self.precision_combo.setToolTip(NVFP4_TIP if shipped else PRECISION_TIP)
 
     def _emit_for_folder(self, signal: SignalInstance) -> None:
         if not self.folder_edit.text().strip():

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from engine.experts import int4
+from engine.experts import int4, nvfp4
 from engine.experts.compute import cpu_expert_forward
 from engine.experts.store import HOST_FORMATS, requantize_int4, requantize_int8
 
@@ -80,6 +80,15 @@ def _probe_experts(hidden: int, width: int, fmt: str, num_experts: int):
         down, d_scale = requantize_int8(down, d_scale)
     elif fmt == "int4":  # scales inside the blobs
         gate_up, down = requantize_int4(gate_up, gu_scale), requantize_int4(down, d_scale)
+    elif fmt == "nvfp4":  # random codes, E4M3 scales 0.5-1 (bytes 0x30-0x37), divisor 1
+        def blobs(rows: int, cols: int) -> torch.Tensor:
+            raw = torch.randint(0, 256, (num_experts, rows, nvfp4.blob_width(cols)), generator=gen,
+                                dtype=torch.uint8)
+            raw[..., cols // 2:] = 0x30 | (raw[..., cols // 2:] & 7)
+            return raw.view(nvfp4.BLOB_DTYPE)
+
+        gate_up, down = blobs(2 * width, hidden), blobs(hidden, width)
+        gu_scale, d_scale = torch.ones(num_experts, 2 * width), torch.ones(num_experts, hidden)
     return gate_up, gu_scale, down, d_scale
 
 
@@ -120,7 +129,8 @@ def describe(hidden: int, width: int, dtype: torch.dtype) -> dict:
     info["pcie_pinned_bytes_per_s"] = pcie_bandwidth()
     info["hbm_bytes_per_s"] = hbm_bandwidth()
     info["cpu_memory_bytes_per_s"] = cpu_memory_bandwidth()
-    formats = [f for f in HOST_FORMATS if f != "int4" or int4.supports_expert(hidden, width)]
+    # The formats an FP8 checkpoint can be held in (NVFP4 comes only with its own release).
+    formats = [f for f in HOST_FORMATS if f != "nvfp4" and (f != "int4" or int4.supports_expert(hidden, width))]
     info["cpu_expert_bytes_per_s"] = {fmt: cpu_expert_bandwidth(hidden, width, dtype, fmt)
                                       for fmt in formats}
     info["cpu_expert_tokens_per_s"] = {fmt: cpu_expert_token_rate(hidden, width, dtype, fmt)

@@ -102,6 +102,19 @@ def test_expert_precision_offers_8_and_4_bit(qtbot: Any, make_window: Any) -> No
     assert combo.accessibleName() == "Expert precision" and panel.host_format() == "auto"
 
 
+def test_precision_does_not_apply_to_the_nvfp4_release(qtbot: Any, make_window: Any,
+                                                       tmp_path: Path) -> None:
+    panel = make_window().model_panel
+    native = tmp_path / "Mistral-Small-4-119B-2603-NVFP4"
+    native.mkdir()
+    (native / "params.json").write_text("{}")
+    panel.folder_edit.setText(str(native))
+    assert not panel.precision_combo.isEnabled() and "NVFP4 release" in panel.precision_combo.toolTip()
+    (native / "config.json").write_text("{}")  # an HF folder (config.json) offers the choice
+    panel.folder_edit.setText(str(native) + "/")
+    assert panel.precision_combo.isEnabled() and "accuracy" in panel.precision_combo.toolTip()
+
+
 def test_precision_change_replans_is_saved_loads_and_is_restored(
     qtbot: Any, make_window: Any, data_dir: Path, tmp_path: Path
 ) -> None:
