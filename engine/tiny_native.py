@@ -93,12 +93,36 @@ def native_tensors(s: TinyShape) -> dict:
         for proj, native in MLP.items():
             put_nvfp4(f"{n}.shared_experts.{native}", value(f"{p}.mlp.shared_experts.{proj}.weight"),
                       torch.bfloat16)
+        if s.fast_experts:  # benchmarks at real shapes: random bytes, not a quantisation
+            nat |= _random_nvfp4_experts(s, n, gen=torch.Generator().manual_seed(s.seed + layer))
+            continue
         gate_up, down = value(f"{p}.mlp.experts.gate_up_proj"), value(f"{p}.mlp.experts.down_proj")
         for e in range(s.experts):
             put_nvfp4(f"{n}.experts.{e}.w1", gate_up[e, : s.moe_intermediate], torch.float32)
             put_nvfp4(f"{n}.experts.{e}.w3", gate_up[e, s.moe_intermediate:], torch.float32)
             put_nvfp4(f"{n}.experts.{e}.w2", down[e], torch.float32)
     return nat | _native_vision(hf, s)
+
+
+def _random_nvfp4_experts(s: TinyShape, prefix: str, gen) -> dict:
+    """Random NVFP4 experts (every code; E4M3 scales 0.5-0.94, global divisors that keep
+    activations O(1)): for speed benchmarks, where values do not matter."""
+    import torch
+
+    from engine.experts import nvfp4
+
+    t = {}
+    for e in range(s.experts):
+        for w, (rows, cols) in (("w1", (s.moe_intermediate, s.hidden)), ("w3", (s.moe_intermediate, s.hidden)),
+                                ("w2", (s.hidden, s.moe_intermediate))):
+            name = f"{prefix}.experts.{e}.{w}"
+            scales = 0x30 | torch.randint(0, 8, (rows, cols // nvfp4.GROUP), dtype=torch.uint8, generator=gen)
+            t |= {f"{name}.weight_packed": torch.randint(0, 256, (rows, cols // 2), dtype=torch.uint8,
+                                                         generator=gen),
+                  f"{name}.weight_scale": scales.view(torch.float8_e4m3fn),
+                  f"{name}.weight_global_scale": torch.tensor([3.0 * cols**0.5]),
+                  f"{name}.input_global_scale": torch.tensor([100.0])}
+    return t
 
 
 def _native_vision(hf: dict, s: TinyShape) -> dict:

@@ -91,7 +91,7 @@ def load_model(args: argparse.Namespace):
     if folder is None:
         from engine.bench.synthetic import synthetic_checkpoint
 
-        folder = synthetic_checkpoint(args.work_dir, args.layers)
+        folder = synthetic_checkpoint(args.work_dir, args.layers, nvfp4=args.host_format == "nvfp4")
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -255,8 +255,8 @@ def ceiling(mach: dict, row: dict | None, cfg, args: argparse.Namespace, host_fo
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.host_format in ("int8", "int4") and args.host_mode == "mmap":
-        parser.error(f"--host-format {args.host_format} is a requantised copy in RAM; "
+    if args.host_format in ("int8", "int4", "nvfp4") and args.host_mode == "mmap":
+        parser.error(f"--host-format {args.host_format} is a copy built in RAM; "
                      "--host-mode mmap serves FP8 from the files (use --host-mode pinned)")
     try:
         result = run(args)

@@ -129,8 +129,7 @@ def describe(hidden: int, width: int, dtype: torch.dtype) -> dict:
     info["pcie_pinned_bytes_per_s"] = pcie_bandwidth()
     info["hbm_bytes_per_s"] = hbm_bandwidth()
     info["cpu_memory_bytes_per_s"] = cpu_memory_bandwidth()
-    # The formats an FP8 checkpoint can be held in (NVFP4 comes only with its own release).
-    formats = [f for f in HOST_FORMATS if f != "nvfp4" and (f != "int4" or int4.supports_expert(hidden, width))]
+    formats = [f for f in HOST_FORMATS if f != "int4" or int4.supports_expert(hidden, width)]
     info["cpu_expert_bytes_per_s"] = {fmt: cpu_expert_bandwidth(hidden, width, dtype, fmt)
                                       for fmt in formats}
     info["cpu_expert_tokens_per_s"] = {fmt: cpu_expert_token_rate(hidden, width, dtype, fmt)

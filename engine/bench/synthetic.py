@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from engine.tiny import TinyShape, write_tiny_checkpoint
+from engine.tiny_native import write_tiny_nvfp4_checkpoint
 
 REAL_LAYERS = 36
 REAL_SHAPE = TinyShape(
@@ -21,10 +22,13 @@ REAL_SHAPE = TinyShape(
 
 
 def synthetic_checkpoint(work_dir: Path, num_layers: int, *, tokenizer_from: Path | None = None,
-                         shape: TinyShape = REAL_SHAPE) -> Path:
-    """Write (once; reused when present) a real-shape checkpoint with `num_layers` layers."""
-    target = Path(work_dir) / f"ms4-synthetic-{num_layers}L"
-    if (target / "config.json").is_file():
+                         shape: TinyShape = REAL_SHAPE, nvfp4: bool = False) -> Path:
+    """Write (once; reused when present) a real-shape checkpoint with `num_layers` layers: the
+    FP8 release's layout, or with `nvfp4` the NVFP4 release's (engine.tiny_native)."""
+    target = Path(work_dir) / f"ms4-synthetic-{'nvfp4-' if nvfp4 else ''}{num_layers}L"
+    if (target / ("params.json" if nvfp4 else "config.json")).is_file():
         return target
     shape = replace(shape, layers=num_layers, shards=max(2, num_layers))
+    if nvfp4:
+        return write_tiny_nvfp4_checkpoint(target, shape, tokenizer_from=tokenizer_from)
     return write_tiny_checkpoint(target, shape, tokenizer_from=tokenizer_from)

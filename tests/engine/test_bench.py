@@ -34,7 +34,7 @@ def test_bench_json_on_cpu(tiny_checkpoint, tmp_path):
     assert decode["wait_routing_s_per_token"] >= 0 and decode["wait_cpu_s_per_token"] >= 0
     assert result["model"]["scaled_to_layers"] == 36 and result["model"]["layers_measured"] == 2
     assert result["baseline"]["tg_ts"] > 0 and result["speedup_vs_baseline"] > 0
-    assert set(result["machine"]["cpu_expert_bytes_per_s"]) == {"fp8", "int8"}
+    assert set(result["machine"]["cpu_expert_bytes_per_s"]) == {"fp8", "int8", "nvfp4"}
     assert all(rate > 0 for rate in result["machine"]["cpu_expert_tokens_per_s"].values())
     assert result["host_format"] == "int8"  # "auto" with offloaded experts
     assert set(result["attention_kernels"].values()) <= {"cpu", None}  # no CUDA kernel on a CPU
@@ -83,6 +83,27 @@ def test_bench_measures_the_int4_format(make_tiny, tmp_path):
     assert result["host_format"] == "int4"
     fp8_bytes = 3 * 64 * 64  # hidden 64, expert width 64, one byte per weight
     assert result["expert_bytes"] == fp8_bytes * 9 // 16
-    assert set(result["machine"]["cpu_expert_bytes_per_s"]) == {"fp8", "int8", "int4"}
+    assert set(result["machine"]["cpu_expert_bytes_per_s"]) == {"fp8", "int8", "int4", "nvfp4"}
     refused = subprocess.run(args + ["--host-mode", "mmap"], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "--host-mode pinned" in refused.stderr
+
+
+def test_bench_on_an_nvfp4_release_folder(tokenizer_dir, tmp_path):
+    """An NVFP4 release folder (here with engine.tiny_native's random-byte experts, as the
+    synthetic real-shape benchmark writes them) runs with its experts as shipped."""
+    from engine.experts import nvfp4
+    from engine.tiny import TinyShape
+    from engine.tiny_native import write_tiny_nvfp4_checkpoint
+
+    folder = write_tiny_nvfp4_checkpoint(tmp_path / "nvfp4", TinyShape(fast_experts=1),
+                                         tokenizer_from=tokenizer_dir)
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.bench", "--model", str(folder), "--device", "cpu", "--depth", "0",
+         "--prefill", "", "--tokens", "4", "--warmup", "1", "--routing", "random",
+         "--expert-cache-slots", "2", "--work-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["host_format"] == "nvfp4"
+    assert result["expert_bytes"] == 2 * 32 * nvfp4.blob_width(64) + 64 * nvfp4.blob_width(32)
+    assert result["results"][0]["avg_ts"] > 0
