@@ -108,9 +108,12 @@ def figure(result: dict, path: str):
 
 
 def run_suite(out_dir: Path, quick: bool, model: Path | None,
-              only: tuple[str, ...] = (), config_timeout: float | None = None) -> list[dict]:
+              only: tuple[str, ...] = (), config_timeout: float | None = None,
+              nvfp4_model: Path | None = None) -> list[dict]:
     """config_timeout: seconds one configuration may take; one that hangs is recorded as an
-    error and the rest still run (a device call has a hard limit)."""
+    error and the rest still run (a device call has a hard limit). `model` serves the FP8
+    configurations, `nvfp4_model` (an NVFP4 release folder) the NVFP4 ones; without them the
+    benchmark writes synthetic folders at the real shapes."""
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = []
     by_name = {name: (name, args, checks) for name, args, checks in FULL}
@@ -120,8 +123,9 @@ def run_suite(out_dir: Path, quick: bool, model: Path | None,
     # In the order asked for: a time-limited run measures the most important first.
     for name, args, checks in [by_name[n] for n in only] if only else FULL:
         argv = _quick(args) if quick else list(args)
-        if model is not None:
-            argv += ["--model", str(model)]
+        folder = nvfp4_model if "nvfp4" in args else model
+        if folder is not None:
+            argv += ["--model", str(folder)]
         target = out_dir / f"{name}.json"
         cmd = [sys.executable, "-m", "engine.bench", *argv, "--work-dir", str(out_dir / "work"),
                "--out", str(target)]
@@ -147,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out_dir", type=Path)
     p.add_argument("--quick", action="store_true", help="tiny sizes on the CPU: a smoke test")
     p.add_argument("--model", type=Path, default=None)
+    p.add_argument("--nvfp4-model", type=Path, default=None, help="an NVFP4 release folder")
     p.add_argument("--only", default="", help="comma-separated configurations (a device call "
                    "is limited to 10 minutes: run the matrix in parts); names: "
                    + ", ".join(name for name, _, _ in FULL))
@@ -154,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds one configuration may take (default: no limit)")
     args = p.parse_args(argv)
     only = tuple(n for n in args.only.split(",") if n)
-    for row in run_suite(args.out_dir, args.quick, args.model, only, args.config_timeout or None):
+    for row in run_suite(args.out_dir, args.quick, args.model, only, args.config_timeout or None,
+                         args.nvfp4_model):
         mark = "ok " if row["met"] else "NO "
         print(f"{mark} {row['config']:<18} {row['figure']:<52} {row['value']!s:<24} {row['target']}")
     return 0

@@ -9,9 +9,14 @@ import pytest
 from engine.bench.suite import FULL, figure, run_suite
 
 
-def test_suite_runs_every_configuration_and_reports_each_target(make_tiny, tmp_path):
+def test_suite_runs_every_configuration_and_reports_each_target(make_tiny, tokenizer_dir, tmp_path):
+    from engine.tiny import TinyShape
+    from engine.tiny_native import write_tiny_nvfp4_checkpoint
+
     # Expert widths of 64: the int4 configurations need multiples of the 64-input groups.
-    summary = run_suite(tmp_path, quick=True, model=make_tiny(moe_intermediate=64))
+    nvfp4 = write_tiny_nvfp4_checkpoint(tmp_path / "nvfp4", TinyShape(fast_experts=1),
+                                        tokenizer_from=tokenizer_dir)
+    summary = run_suite(tmp_path, quick=True, model=make_tiny(moe_intermediate=64), nvfp4_model=nvfp4)
     assert [r["error"] for r in summary if r["error"]] == []
     assert len(summary) == sum(len(checks) for _, _, checks in FULL)
     missing = [r["figure"] for r in summary if r["value"] is None]
