@@ -10,7 +10,7 @@ import torch
 
 from engine.experts import dequant_kernel, fp8_kernel, int4_kernel
 from engine.experts.compute import dequant_expert, expert_forward
-from engine.experts.store import LayerExperts
+from engine.experts.store import LayerExperts, byte_view
 
 KERNEL_FORMATS = {torch.float8_e4m3fn: "fp8", torch.int8: "int8", torch.uint8: "int4"}
 
@@ -52,8 +52,8 @@ class LayerSlots:
     def fill(self, slot: int, expert: int) -> int:
         """Copy expert's weights from the host store into a slot; returns the bytes moved."""
         local = slot - self.first_slot
-        self.gate_up[local].copy_(self.host.gate_up[expert], non_blocking=True)
-        self.down[local].copy_(self.host.down[expert], non_blocking=True)
+        byte_view(self.gate_up[local]).copy_(byte_view(self.host.gate_up[expert]), non_blocking=True)
+        byte_view(self.down[local]).copy_(byte_view(self.host.down[expert]), non_blocking=True)
         return self.host.expert_bytes()
 
     def weights(self, slot: int, expert: int, dtype: torch.dtype):

@@ -37,6 +37,13 @@ TORCH_VIEW = {"F8_E4M3": FP8_DTYPE, "BF16": torch.bfloat16, "F16": torch.float16
               "U8": torch.uint8}
 
 
+def byte_view(t: torch.Tensor) -> torch.Tensor:
+    """A 1-byte-per-element expert tensor's bytes as uint8 (bf16 ones as they are), for copies:
+    the NVFP4 blobs' dtype (float4_e2m1fn_x2) has few kernels of its own in PyTorch, and a
+    byte copy is what every 1-byte format needs."""
+    return t.view(torch.uint8) if t.element_size() == 1 else t
+
+
 def host_format_for(cfg: ModelConfig, requested: str) -> str:
     """The host format a load uses: the NVFP4 release's experts stay as shipped whatever was
     asked (its 4-bit experts are already as small as int4's, and more exact than requantising);

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from engine.experts.compute import dequant_expert
+from engine.experts.store import byte_view
 
 # 2 buffers x 4 experts x 25 MB = 200 MB of staging at the real shapes; a group's 100 MB copy
 # keeps PCIe busy for ~2 ms, far longer than the work between two groups' copies.
@@ -66,8 +67,8 @@ def _copy_group(b: StagingBuffers, host, experts: list[int], g: int) -> None:
         if g >= 2:
             b.stream.wait_event(b.free[g % 2])
         for i, expert in enumerate(experts):
-            b.gate_up[g % 2, i].copy_(host.gate_up[expert], non_blocking=True)
-            b.down[g % 2, i].copy_(host.down[expert], non_blocking=True)
+            byte_view(b.gate_up[g % 2, i]).copy_(byte_view(host.gate_up[expert]), non_blocking=True)
+            byte_view(b.down[g % 2, i]).copy_(byte_view(host.down[expert]), non_blocking=True)
         b.ready[g % 2].record(b.stream)
 
 
