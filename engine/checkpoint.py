@@ -124,7 +124,7 @@ def _check_folder(folder: Path) -> Path:
         if subdirs:
             hint = f" It looks like the model is in {subdirs[0]}."
         raise CheckpointError(
-            f"{folder} has neither config.json nor params.json, so it is not a model folder.{hint} "
+            f"{folder} has no config.json (nor params.json), so it is not a model folder.{hint} "
             "Choose the folder that holds config.json and the model-0000x-of-0000y.safetensors "
             "files (or, for the NVFP4 release, params.json and the consolidated files)."
         )
