@@ -34,10 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-length", type=int, default=32768)
     p.add_argument("--expert-cache-slots", type=int, default=None,
                    help="force N expert slots per layer (offload path, also on CPU)")
-    p.add_argument("--host-format", choices=("auto", "fp8", "int8", "int4"), default="auto",
+    p.add_argument("--host-format", choices=("auto", "fp8", "int8", "int4", "nvfp4"), default="auto",
                    help="offloaded experts in host RAM: fp8 as shipped (exact), int8 (fast CPU "
                         "path) or int4 (opt-in: 0.56x the bytes, so more cached experts and "
-                        "faster misses; lossy); auto = int8 when experts are offloaded")
+                        "faster misses; lossy); auto = int8 when experts are offloaded; an NVFP4 "
+                        "release folder always holds nvfp4 as shipped")
     p.add_argument("--targets", type=int, default=1,
                    help="split layers over N targets (GPUs, or logical targets on one device)")
     p.add_argument("--gpus", default="", help="comma-separated GPU indices to use")

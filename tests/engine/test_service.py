@@ -167,3 +167,23 @@ def test_out_of_memory_is_a_clear_error_with_a_smaller_setting(service, tiny_che
     failed = next(e for e in events if isinstance(e, api.Failed))
     assert failed.kind == "OutOfMemoryError" and "ran out of memory" in failed.user_message
     assert "context length" in failed.user_message and events[-1].reason == "error"
+
+
+def test_an_nvfp4_release_folder_plans_loads_and_answers(service, tokenizer_dir, tmp_path):
+    """Mistral's NVFP4 release through the engine thread: whatever precision the app asks for,
+    the experts stay NVFP4 as shipped, and the summary says so."""
+    from engine.tiny_native import write_tiny_nvfp4_checkpoint
+
+    folder = write_tiny_nvfp4_checkpoint(tmp_path / "nvfp4", tokenizer_from=tokenizer_dir)
+    svc, sink = service
+    svc.submit(api.PlanModel("p", folder, device="cpu", context_length=4096, host_format="int4"))
+    plan = next(e for e in sink.until_finished("p") if isinstance(e, api.PlanReady))
+    assert plan.fits and plan.alternative == ""  # one precision: as shipped
+    events = _load(svc, sink, folder, expert_cache_slots=2, host_format="int4")
+    loaded = next(e for e in events if isinstance(e, api.ModelLoaded))
+    assert "NVFP4" in loaded.device_summary and loaded.supports_images
+    assert any(e.stage == "reading NVFP4 experts" for e in events if isinstance(e, api.LoadProgress))
+    svc.submit(api.Ask("q", (api.ChatMessage("user", "Hello?"),),
+                       sampling=api.SamplingParams(temperature=0.0, max_tokens=4)))
+    stats = next(e for e in sink.until_finished("q") if isinstance(e, api.Stats))
+    assert stats.output_tokens == 4
