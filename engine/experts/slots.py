@@ -1,6 +1,7 @@
 """One layer's expert slots on its device: fixed storage in the host format (FP8 as shipped,
-int8 or int4), filled from the host store, and the ways a cached expert is computed from it
-(the FP8/int8 or int4 kernels, one grouped call for a decode token, or eager dequantisation).
+int8, int4 or NVFP4), filled from the host store, and the ways a cached expert is computed from it
+(the FP8/int8, int4 or NVFP4 kernels, one grouped call for a decode token, or eager
+dequantisation).
 Glossary: H hidden, I expert width, S slots, n experts of a step.
 """
 
@@ -8,11 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from engine.experts import dequant_kernel, fp8_kernel, int4_kernel
+from engine.experts import dequant_kernel, fp8_kernel, int4_kernel, nvfp4, nvfp4_kernel
 from engine.experts.compute import dequant_expert, expert_forward
 from engine.experts.store import LayerExperts, byte_view
 
-KERNEL_FORMATS = {torch.float8_e4m3fn: "fp8", torch.int8: "int8", torch.uint8: "int4"}
+KERNEL_FORMATS = {torch.float8_e4m3fn: "fp8", torch.int8: "int8", torch.uint8: "int4",
+                  nvfp4.BLOB_DTYPE: "nvfp4"}
 
 
 class LayerSlots:
@@ -29,9 +31,11 @@ class LayerSlots:
         self.gate_up_scale = host.gate_up_scale.to(device, torch.float32).contiguous()
         self.down_scale = host.down_scale.to(device, torch.float32).contiguous()
         # int4 blobs carry their scales (the scale tables above are then empty) and have their
-        # own kernels; the FP8 kernels also read int8.
+        # own kernels, as NVFP4 blobs do (the tables hold their global divisors); the FP8
+        # kernels also read int8.
         self.int4 = host.gate_up.dtype == torch.uint8
-        kernels = int4_kernel if self.int4 else fp8_kernel
+        self.nvfp4 = host.gate_up.dtype == nvfp4.BLOB_DTYPE
+        kernels = int4_kernel if self.int4 else nvfp4_kernel if self.nvfp4 else fp8_kernel
         hidden, width = shape_d[0], shape_gu[0] // 2  # rows of down [H, .] and gate_up [2I, .]
         # Each format's kernel is checked on its own (a GPU without FP8 still runs int8).
         fmt = KERNEL_FORMATS.get(host.gate_up.dtype)
@@ -67,6 +71,8 @@ class LayerSlots:
             def compute(xs: torch.Tensor) -> torch.Tensor:
                 if xs.shape[0] <= fp8_kernel.MAX_TOKENS and self.int4:
                     return int4_kernel.int4_expert_forward(xs, gu, dn)
+                if xs.shape[0] <= fp8_kernel.MAX_TOKENS and self.nvfp4:
+                    return nvfp4_kernel.nvfp4_expert_forward(xs, gu, gu_s, dn, dn_s)
                 if xs.shape[0] <= fp8_kernel.MAX_TOKENS:
                     return fp8_kernel.fp8_expert_forward(xs, gu, gu_s, dn, dn_s)
                 return expert_forward(xs, *dequant_expert(gu, gu_s, dn, dn_s, dtype))
@@ -86,6 +92,9 @@ class LayerSlots:
         ids = self._ids[: 3 * n].to(self.device, non_blocking=True).view(3, n)
         if self.int4:
             out = int4_kernel.grouped_int4_expert_forward(x, self.gate_up, self.down, ids[0])
+        elif self.nvfp4:
+            out = nvfp4_kernel.grouped_nvfp4_expert_forward(x, self.gate_up, self.down, ids[0],
+                                                            self.gate_up_scale, self.down_scale, ids[1])
         else:
             out = fp8_kernel.grouped_expert_forward(x, self.gate_up, self.down, ids[0],
                                                     self.gate_up_scale, self.down_scale, expert_ids=ids[1])

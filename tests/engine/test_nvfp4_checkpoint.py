@@ -29,6 +29,7 @@ from engine.tiny import TinyShape
 from engine.tiny_native import write_tiny_nvfp4_checkpoint
 from tests.helpers.assert_close import assert_close
 from tests.helpers.oracle import native_reference_model
+from tests.helpers.prefill_decode import prefill_then_decode
 
 FP32_ATOL = 1e-4
 PROMPT_IDS = [1, 306, 4658, 278, 6593, 310, 2834, 338, 1000, 2000, 3000, 4000, 5000, 77, 99, 123]
@@ -206,3 +207,81 @@ def test_a_text_only_params_json_loads_without_vision(nvfp4_folder, tmp_path):
     (folder / "params.json").write_text(json.dumps(params))
     with pytest.raises(CheckpointError, match="does not describe, e.g. (vision_encoder|patch_merger|pre_mm)"):
         Checkpoint.open(folder)
+
+
+LONG_IDS = PROMPT_IDS * 5  # 80 tokens: a 70-token prefill streams the experts (engine.experts.streaming)
+
+
+@pytest.fixture(scope="module")
+def long_expected(reference):
+    with torch.no_grad():
+        return reference(input_ids=torch.tensor([LONG_IDS])).logits[0]
+
+
+@pytest.mark.parametrize(("slots", "targets"), [(0, 1), (2, 1), (2, 2)])
+def test_streamed_prefill_then_decode_matches_transformers(nvfp4_folder, long_expected, slots, targets):
+    model = _ours(nvfp4_folder, expert_cache_slots=slots, num_targets=targets)
+    logits = prefill_then_decode(model, LONG_IDS, prefill=70)
+    assert_close(f"nvfp4 streamed slots={slots} targets={targets}", logits, long_expected, FP32_ATOL)
+    assert model.experts.counters()["hits"] + model.experts.counters()["misses"] > 0
+
+
+def test_slots_hand_nvfp4_blobs_and_divisors_to_its_kernels(nvfp4_folder, monkeypatch):
+    """Cached NVFP4 experts go to engine.experts.nvfp4_kernel (here replaced by the eager
+    reference, which the kernel tests hold the kernels to): one grouped call per decode step
+    with the layer's divisor tables read at the experts' ids, and the single-expert form."""
+    from engine.experts import nvfp4_kernel
+    from engine.experts.compute import dequant_expert, expert_forward
+
+    calls = {"grouped": 0, "single": 0}
+
+    def eager_grouped(x, gate_up_slots, down_slots, slot_ids, gate_up_div, down_div, expert_ids):
+        calls["grouped"] += 1
+        return torch.stack([expert_forward(x, *dequant_expert(
+            gate_up_slots[s], gate_up_div[e], down_slots[s], down_div[e], torch.bfloat16))
+            for s, e in zip(slot_ids.tolist(), expert_ids.tolist(), strict=True)])
+
+    def eager_single(x, gate_up, gate_up_div, down, down_div):
+        calls["single"] += 1
+        return expert_forward(x, *dequant_expert(gate_up, gate_up_div, down, down_div, torch.bfloat16))
+
+    monkeypatch.setattr(nvfp4_kernel, "grouped_nvfp4_expert_forward", eager_grouped)
+    monkeypatch.setattr(nvfp4_kernel, "nvfp4_expert_forward", eager_single)
+    resident = LoadedModel(nvfp4_folder, LoadOptions(dtype="bfloat16"))
+    expected = prefill_then_decode(resident, LONG_IDS, prefill=70)
+    for grouped in (True, False):
+        offloaded = LoadedModel(nvfp4_folder, LoadOptions(dtype="bfloat16", expert_cache_slots=3))
+        for slots in offloaded.experts.layers:
+            assert slots.nvfp4
+            slots.use_kernel, slots.use_grouped = True, grouped
+        assert torch.equal(prefill_then_decode(offloaded, LONG_IDS, prefill=70), expected)
+        offloaded.close()
+    assert calls["grouped"] and calls["single"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_nvfp4_offload_matches_transformers(nvfp4_folder, long_expected, monkeypatch):
+    """fp32 on the GPU (TF32 off): blobs page-locked, copied to slots and staging buffers,
+    dequantised by the GPU's paths; 1e-3 absolute (cuBLAS reduction order, as test_cuda.py)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    model = LoadedModel(nvfp4_folder, LoadOptions(device="cuda", dtype="float32", expert_cache_slots=2))
+    assert model.experts.store.layers[0].gate_up.is_pinned()
+    logits = prefill_then_decode(model, LONG_IDS, prefill=70).cpu()
+    assert_close("cuda nvfp4 fp32", logits, long_expected, 1e-3)
+    model.close()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_nvfp4_decode_runs_the_kernels(nvfp4_folder, long_expected):
+    """The path a GPU runs the NVFP4 release on: bf16, the grouped NVFP4 kernel, prefetch, the
+    dequantisation kernel for streamed prefill; within bf16 parity of the reference (0.25 max,
+    0.03 mean, as tests/engine/test_cuda.py)."""
+    model = LoadedModel(nvfp4_folder, LoadOptions(device="cuda", dtype="bfloat16", expert_cache_slots=2,
+                                                  prefetch=True))
+    assert all(s.nvfp4 and s.use_grouped for s in model.experts.layers), "kernel disabled"
+    logits = prefill_then_decode(model, LONG_IDS, prefill=70).cpu().float()
+    assert_close("cuda bf16 nvfp4", logits, long_expected, 0.25, mean_atol=0.03)
+    assert model.experts.counters()["hits"] > 0
+    model.close()

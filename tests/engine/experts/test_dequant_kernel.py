@@ -13,7 +13,7 @@ import logging
 import pytest
 import torch
 
-from engine.experts import dequant_kernel, int4
+from engine.experts import dequant_kernel, int4, nvfp4
 from engine.experts.compute import dequant_expert
 from engine.quant import FP8_DTYPE
 from tests.helpers.triton_interpreter import (
@@ -26,9 +26,12 @@ try:  # for the deliberately wrong rounding below; the tests that need Triton sk
 except ImportError:  # pragma: no cover - depends on the install
     tl = None
 
-# The interpreter computes with numpy, which warns where the overflow tests overflow on purpose.
+# The interpreter computes with numpy, which warns where the overflow tests overflow on purpose
+# (and where NVFP4's zero divisors divide by zero, and multiply the infinite steps by zero).
 pytestmark = [QUIET_INTERPRETER,
-              pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")]
+              pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
 same_bits = dequant_kernel.same_bits
 NO_SCALE = torch.empty(0)
 
@@ -80,7 +83,7 @@ def check(kernels, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def test_the_reference_is_what_compute_dequantises():
     """eager_dequantize, which the kernel is held to, is dequant_expert's bf16 path."""
     cases = [(every_fp8(64, 96), torch.tensor(0.37)), (every_int8(64, 96), row_scales(64)),
-             (quantised_blob(64, 128), NO_SCALE)]
+             (quantised_blob(64, 128), NO_SCALE), dequant_kernel.random_nvfp4_blob(24, 96, gen())]
     for weight, scale in cases:
         ours = dequant_kernel.eager_dequantize(weight, scale)
         assert same_bits(ours, dequant_expert(weight, scale, weight, scale, torch.bfloat16)[0])
@@ -149,6 +152,72 @@ def test_each_int4_code_and_pair_lands_in_its_row_and_column(kernels):
         assert set(diff[:, 0].tolist()) == {70} and set(diff[:, 1].tolist()) <= set(range(128, 192))
 
 
+def check_nvfp4(kernels, blob: torch.Tensor, divisors: torch.Tensor) -> torch.Tensor:
+    """The kernel's result, asserted equal bit for bit to nvfp4.dequantize's in bf16."""
+    ours = kernels.dequantize_bf16(blob, divisors)
+    expected = nvfp4.dequantize(blob, divisors, torch.bfloat16)
+    assert ours.dtype == torch.bfloat16 and ours.shape == expected.shape
+    assert same_bits(ours, expected), int((ours.float() != expected.float()).sum())
+    return ours
+
+
+def test_every_nvfp4_code_and_scale_byte_decodes_exactly(kernels):
+    """With divisors 1 every weight is e2m1 x e4m3 exactly (at most 6 significant bits): all
+    16 codes against all 256 scale bytes (NaN, -0, subnormals, +-448), checked against the
+    formats' tables, not against nvfp4.dequantize."""
+    codes = torch.arange(16, dtype=torch.uint8)
+    packed = (codes[0::2] | (codes[1::2] << 4)).repeat(16, 16)  # each group: codes 0..15
+    scales = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(16, 16)
+    blob = torch.cat([packed, scales], dim=1).view(nvfp4.BLOB_DTYPE)
+    ours = kernels.dequantize_bf16(blob, torch.ones(16))
+    values = torch.tensor(nvfp4.E2M1_VALUES).repeat(16, 16).view(16, 16, 16)
+    expected = (values * scales.view(FP8_DTYPE).float()[..., None]).view(16, 256)
+    assert same_bits(ours, expected.bfloat16())
+    assert ours.isnan().sum() == 2 * 16 and (ours.view(torch.int16) == -32768).any()  # -0.0
+
+
+@pytest.mark.parametrize("shape", [(40, 640), (16, 512), (64, 1024), (3, 48), (17, 96)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+def test_nvfp4_equals_the_eager_path_bit_for_bit(kernels, shape):
+    """Every code and scale byte, divisors of mixed size: 8, 32, 32 (two programs a row),
+    1 and 2 groups a program, rows ending mid-block."""
+    blob, divisors = dequant_kernel.random_nvfp4_blob(*shape, gen(7))
+    check_nvfp4(kernels, blob, divisors)
+
+
+def test_nvfp4_covers_ties_overflow_and_subnormals(kernels):
+    """The self-test's blob reaches every hard case of the rounding: values (in fp32, before
+    rounding) exactly halfway between two bf16s with an even and with an odd lower neighbour,
+    NaN, +-inf, fp32 subnormals, and values that overflow only in bf16."""
+    blob, divisors = dequant_kernel.self_test_cases()["nvfp4"]
+    exact = nvfp4.dequantize(blob, divisors)  # fp32
+    bits = exact.view(torch.int32)
+    halfway = (bits & 0xFFFF) == 0x8000
+    assert (halfway & (bits & 0x10000 == 0)).any() and (halfway & (bits & 0x10000 != 0)).any()
+    assert exact.isnan().any() and exact.isposinf().any() and exact.isneginf().any()
+    assert ((exact != 0) & (exact.abs() < torch.finfo(torch.float32).tiny)).any()
+    assert (exact.isfinite() & exact.bfloat16().isinf()).any()
+    ours = check_nvfp4(kernels, blob, divisors)
+    assert ours.isinf().any() and ours.isnan().any()
+
+
+def test_nvfp4_ragged_programs(kernels, monkeypatch):
+    """Several programs each way at small tiles: 16-row blocks, at most 4 groups a program."""
+    monkeypatch.setattr(kernels, "NVFP4_GROUPS", 4)
+    for shape in ((77, 192), (33, 80)):  # 12 groups (4 a program), 5 groups (1 a program)
+        check_nvfp4(kernels, *dequant_kernel.random_nvfp4_blob(*shape, gen(8)))
+
+
+def test_nvfp4_blob_inside_a_staging_buffer(kernels):
+    """A blob that is the second slot of a buffer, at an odd offset: reads from its own start."""
+    first, divisors = dequant_kernel.random_nvfp4_blob(24, 160, gen(9))
+    second, _ = dequant_kernel.random_nvfp4_blob(24, 160, gen(10))
+    buffer = torch.zeros(1 + 2 * first.numel(), dtype=torch.uint8)
+    buffer[1:].view(2, *first.shape).copy_(torch.stack([first, second]).view(torch.uint8))
+    check_nvfp4(kernels, buffer[1 + first.numel():].view(first.shape).view(nvfp4.BLOB_DTYPE),
+                divisors)
+
+
 def test_a_wrong_scale_or_rounding_is_caught(kernels, monkeypatch):
     """The comparisons can fail: a scale 1% off, row scales of the wrong rows, and rounding by
     truncation (which the interpreter's own bf16 conversion does) all differ from eager."""
@@ -158,11 +227,14 @@ def test_a_wrong_scale_or_rounding_is_caught(kernels, monkeypatch):
     w8, s8 = every_int8(128, 192), row_scales(128)
     assert not same_bits(kernels.dequantize_bf16(w8, s8.roll(1)),
                          dequant_kernel.eager_dequantize(w8, s8))
+    fp4, divisors = dequant_kernel.random_nvfp4_blob(64, 192, gen(4))
+    assert not same_bits(kernels.dequantize_bf16(fp4, divisors.roll(1)),
+                         dequant_kernel.eager_dequantize(fp4, divisors))
     from triton.runtime.interpreter import InterpretedFunction
 
     monkeypatch.setattr(kernels, "_round_bf16", InterpretedFunction(_truncate_bf16))
     blob = dequant_kernel.random_int4_blob(64, 192, gen(4))
-    for w, s in ((weight, scale), (w8, s8), (blob, NO_SCALE)):
+    for w, s in ((weight, scale), (w8, s8), (blob, NO_SCALE), (fp4, divisors)):
         assert not same_bits(kernels.dequantize_bf16(w, s), dequant_kernel.eager_dequantize(w, s))
 
 
@@ -173,9 +245,9 @@ def _truncate_bf16(x):
 
 def test_out_is_filled_and_returned(kernels):
     cases = [(every_fp8(64, 96), torch.tensor(0.5)), (every_int8(64, 96), row_scales(64)),
-             (quantised_blob(64, 128), NO_SCALE)]
+             (quantised_blob(64, 128), NO_SCALE), dequant_kernel.random_nvfp4_blob(24, 96, gen())]
     for weight, scale in cases:
-        shape = int4.matrix_shape(weight) if weight.dtype == torch.uint8 else weight.shape
+        shape = dequant_kernel.eager_dequantize(weight, scale).shape
         out = torch.full(shape, 7.0, dtype=torch.bfloat16)
         assert kernels.dequantize_bf16(weight, scale, out=out) is out
         assert same_bits(out, dequant_kernel.eager_dequantize(weight, scale))
@@ -199,6 +271,18 @@ def test_bad_calls_are_refused(kernels):
     unaligned = torch.zeros(blob.numel() + 2, dtype=torch.uint8)[2:].view(blob.shape)
     with pytest.raises(ValueError, match="4-byte aligned"):
         deq(unaligned, NO_SCALE)
+    fp4, divisors = dequant_kernel.random_nvfp4_blob(32, 64, gen())
+    fp4_bad = [(fp4, divisors[:-1], r"NVFP4 blobs of 32 rows need divisors \[32\]"),
+               (fp4, divisors[None], r"divisors \[32\]"),
+               (fp4, divisors.to(torch.int32), "floating point"),
+               (fp4.view(torch.uint8)[:, :-1].contiguous().view(nvfp4.BLOB_DTYPE), divisors,
+                "not an NVFP4 blob width"),
+               (fp4[None], divisors, "or NVFP4 blobs"),
+               (fp4.view(torch.uint8).t().contiguous().t().view(nvfp4.BLOB_DTYPE), divisors,
+                "contiguous")]
+    for weight, scale, message in fp4_bad:
+        with pytest.raises(ValueError, match=message):
+            deq(weight, scale)
     for out in (torch.empty(64, 128), torch.empty(64, 127, dtype=torch.bfloat16),
                 torch.empty(128, 64, dtype=torch.bfloat16).t()):
         with pytest.raises(ValueError, match="out must be"):
@@ -219,7 +303,9 @@ def test_self_test_passes_and_catches_a_broken_kernel(kernels, monkeypatch, capl
     cpu = torch.device("cpu")
     assert kernels._self_test(cpu)
     deq = kernels.dequantize_bf16
-    for fmt, dtype in (("fp8", FP8_DTYPE), ("int8", torch.int8), ("int4", torch.uint8)):
+    formats = {"fp8": FP8_DTYPE, "int8": torch.int8, "int4": torch.uint8,
+               "nvfp4": nvfp4.BLOB_DTYPE}
+    for fmt, dtype in formats.items():
         def broken(weight, scale, out=None, dtype=dtype):  # one weight nudged by one bf16 step
             result = deq(weight, scale, out)
             if weight.dtype == dtype:
@@ -233,8 +319,8 @@ def test_self_test_passes_and_catches_a_broken_kernel(kernels, monkeypatch, capl
             assert not kernels._self_test(cpu)
             assert not kernels._self_test(cpu, fmt)
         assert f"differs from the eager path on cpu ({fmt}" in caplog.text
-        # Per format: the others still pass (a GPU without E4M3 keeps int8 and int4).
-        assert all(kernels._self_test(cpu, other) for other in ("fp8", "int8", "int4") if other != fmt)
+        # Per format: the others still pass (a GPU without E4M3 keeps int8, int4 and nvfp4).
+        assert all(kernels._self_test(cpu, other) for other in formats if other != fmt)
     monkeypatch.setattr(kernels, "dequantize_bf16", lambda *args, **kwargs: 1 / 0)
     with caplog.at_level(logging.WARNING):
         assert not kernels._self_test(cpu)
@@ -272,6 +358,33 @@ def test_the_kernels_compile_for_hopper(monkeypatch, tmp_path):
         assert "ld.global.v4" in ptx and "st.global.v4" in ptx, constants
 
 
+def test_the_nvfp4_kernel_compiles_for_hopper(monkeypatch, tmp_path):
+    """As above for the NVFP4 kernel, at the model's 32 groups a program and at 1: its
+    division an IEEE one (div.rn, not the approximate div.full a plain `/` gives), wide loads
+    of the codes and wide stores."""
+    triton = pytest.importorskip("triton", reason="Triton is not installed")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    dk = dequant_kernel
+    signature = dict(zip(dk._nvfp4_kernel.arg_names[:6],
+                         ["*u8", "*fp32", "*i16", "i32", "i32", "i32"], strict=True))
+    aligned = {(i,): [["tt.divisibility", 16]] for i in range(6)}
+    for groups in (dk.NVFP4_GROUPS, 1):
+        constants = {"BLOCK_N": dk.BLOCK_N, "GROUPS": groups, "GROUP": nvfp4.GROUP}
+        source = ASTSource(dk._nvfp4_kernel, {**signature, **dict.fromkeys(constants, "constexpr")},
+                           constants, aligned)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={
+            "num_warps": dk.NUM_WARPS, "enable_fp_fusion": dk.ENABLE_FP_FUSION})
+        ptx = compiled.asm["ptx"]
+        assert compiled.asm["cubin"] and "div.rn.f32" in ptx and "mul.rn.f32" in ptx
+        assert "div.full" not in ptx and "div.approx" not in ptx and "rcp" not in ptx
+        assert "fma" not in ptx and ".ftz" not in ptx
+        if groups > 1:
+            assert "ld.global.v4" in ptx and "st.global.v4" in ptx
+
+
 @pytest.mark.cuda
 def test_the_gpu_kernel_equals_the_eager_path_at_the_model_shapes():
     device = torch.device("cuda", 0)
@@ -286,6 +399,20 @@ def test_the_gpu_kernel_equals_the_eager_path_at_the_model_shapes():
         assert same_bits(dequant_kernel.dequantize_bf16(weight, scale), expected)
         out = torch.empty_like(expected)
         assert dequant_kernel.dequantize_bf16(weight, scale, out=out) is out
+        assert same_bits(out, expected)
+
+
+@pytest.mark.cuda
+def test_the_gpu_nvfp4_kernel_equals_the_eager_path_at_the_model_shapes():
+    """The GPU's IEEE division and rounding, subnormals kept: as PyTorch's on the same GPU."""
+    device = torch.device("cuda", 0)
+    assert dequant_kernel.kernel_usable(device, "nvfp4")
+    for shape, seed in (((4096, 4096), 11), ((4096, 2048), 12), ((1000, 720), 13)):
+        blob, divisors = (t.to(device) for t in dequant_kernel.random_nvfp4_blob(*shape, gen(seed)))
+        expected = nvfp4.dequantize(blob, divisors, torch.bfloat16)
+        assert same_bits(dequant_kernel.dequantize_bf16(blob, divisors), expected)
+        out = torch.empty_like(expected)
+        assert dequant_kernel.dequantize_bf16(blob, divisors, out=out) is out
         assert same_bits(out, expected)
 
 
