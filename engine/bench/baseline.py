@@ -27,12 +27,12 @@ def _state_dict(ckpt: Checkpoint, dtype: torch.dtype) -> dict[str, torch.Tensor]
 
 def hf_decode(model_dir: Path, num_tokens: int, real_layers: int) -> dict:
     """Decode tok/s of transformers (+ accelerate cpu_offload on a GPU), scaled to 36 layers."""
-    from transformers import AutoConfig, Mistral3ForConditionalGeneration
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
     ckpt = Checkpoint.open(model_dir)
-    config = AutoConfig.from_pretrained(str(model_dir))
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+    # The checkpoint's config in HF form (an NVFP4 release folder has params.json only); its
+    # weights dequantised below, under the engine's (HF) names.
+    config = Mistral3Config.from_dict({k: v for k, v in ckpt.raw_config.items() if k != "quantization_config"})
     model = Mistral3ForConditionalGeneration.from_pretrained(
         None, config=config, state_dict=_state_dict(ckpt, torch.bfloat16), dtype=torch.bfloat16).eval()
     mode = "cpu"

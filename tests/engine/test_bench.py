@@ -100,10 +100,11 @@ def test_bench_on_an_nvfp4_release_folder(tokenizer_dir, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "engine.bench", "--model", str(folder), "--device", "cpu", "--depth", "0",
          "--prefill", "", "--tokens", "4", "--warmup", "1", "--routing", "random",
-         "--expert-cache-slots", "2", "--work-dir", str(tmp_path)],
+         "--expert-cache-slots", "2", "--baseline", "hf", "--baseline-tokens", "2",
+         "--work-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
-    assert result["host_format"] == "nvfp4"
+    assert result["host_format"] == "nvfp4" and result["baseline"]["tg_ts"] > 0
     assert result["expert_bytes"] == 2 * 32 * nvfp4.blob_width(64) + 64 * nvfp4.blob_width(32)
     assert result["results"][0]["avg_ts"] > 0
