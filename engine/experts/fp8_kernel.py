@@ -249,6 +249,19 @@ def _self_test_experts(hidden: int, width: int) -> dict[str, tuple[torch.Tensor,
     return {"fp8": (gate_up, scales, down, scales), "int8": (gu_q, gu_rows, dn_q, dn_rows)}
 
 
+def agrees_with_eager(ours: torch.Tensor, refs: list[torch.Tensor], what: str) -> bool:
+    """Whether each expert's kernel output (ours [n, M, H]) is within SELF_TEST_ATOL of its eager
+    reference, relative to the reference's largest value (NaN fails); a disagreement is logged.
+    The verdict every expert kernel's self-test gives."""
+    for ours_e, ref in zip(ours.float(), refs, strict=True):
+        ref = ref.float()
+        error = float((ours_e - ref).abs().max() / ref.abs().max().clamp(min=1e-6))
+        if not error <= SELF_TEST_ATOL:
+            log.warning("%s disagrees with the eager path (rel. error %.3g): disabled", what, error)
+            return False
+    return True
+
+
 def _self_test(device: torch.device, hidden: int, width: int, grouped: bool, fmt: str) -> bool:
     try:
         x = torch.randn(3, hidden, generator=torch.Generator().manual_seed(1))
@@ -263,15 +276,11 @@ def _self_test(device: torch.device, hidden: int, width: int, grouped: bool, fmt
             else:
                 ours = torch.stack([fp8_expert_forward(x, gu[i], gu_s[i], dn[i], dn_s[i])
                                     for i in ids.tolist()])
-            for ours_e, i in zip(ours.float(), ids.tolist(), strict=True):
-                # The eager reference, not dequant_expert: on a GPU that may be a kernel itself.
-                ref = expert_forward(x, eager_dequantize(gu[i], gu_s[i]),
-                                     eager_dequantize(dn[i], dn_s[i])).float()
-                error = float((ours_e - ref).abs().max() / ref.abs().max().clamp(min=1e-6))
-                if error > SELF_TEST_ATOL:
-                    log.warning("%s expert kernel disagrees with the eager path (%s, rel. error "
-                                "%.3g): disabled", "grouped" if grouped else "single", name, error)
-                    return False
+            # The eager reference, not dequant_expert: on a GPU that may be a kernel itself.
+            refs = [expert_forward(x, eager_dequantize(gu[i], gu_s[i]), eager_dequantize(dn[i], dn_s[i]))
+                    for i in ids.tolist()]
+            if not agrees_with_eager(ours, refs, f"{'grouped' if grouped else 'single'} {name} expert kernel"):
+                return False
         return True
     except Exception as exc:  # a compiler or driver problem: fall back to the eager path
         log.warning("FP8 kernel unavailable on %s (%s): using the eager path", device, exc)

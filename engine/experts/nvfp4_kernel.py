@@ -47,8 +47,8 @@ from engine.experts.fp8_kernel import (
     ENABLE_FP_FUSION,
     NUM_STAGES,
     NUM_WARPS,
-    SELF_TEST_ATOL,
     TRITON_IMPORTED,
+    agrees_with_eager,
     usable_once,
 )
 from engine.experts.fp8_kernel import MAX_TOKENS as MAX_TOKENS  # re-exported for callers
@@ -316,14 +316,8 @@ def _self_test(device: torch.device, hidden: int, width: int, grouped: bool) -> 
         else:
             ours = torch.stack([nvfp4_expert_forward(x, gu[i], gu_d[i], dn[i], dn_d[i])
                                 for i in ids])
-        for ours_e, i in zip(ours.float(), ids, strict=True):
-            ref = eager(x, gu[i], gu_d[i], dn[i], dn_d[i]).float()
-            error = float((ours_e - ref).abs().max() / ref.abs().max().clamp(min=1e-6))
-            if not error <= SELF_TEST_ATOL:  # NaN fails too
-                log.warning("%s NVFP4 expert kernel disagrees with the eager path (rel. error "
-                            "%.3g): disabled", "grouped" if grouped else "single", error)
-                return False
-        return True
+        return agrees_with_eager(ours, [eager(x, gu[i], gu_d[i], dn[i], dn_d[i]) for i in ids],
+                                 f"{'grouped' if grouped else 'single'} NVFP4 expert kernel")
     except Exception as exc:  # a compiler or driver problem: fall back to the eager path
         log.warning("NVFP4 expert kernel unavailable on %s (%s): using the eager path", device,
                     exc)
