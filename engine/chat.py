@@ -155,13 +155,15 @@ def _document_blocks(msg: api.ChatMessage, read_document: DocumentReader,
 
 def _from_tekken(tekken: Path):
     """The tokenizer of a native folder (the NVFP4 release ships tekken.json only): converted by
-    transformers from tekken.json, with the v15 reasoning chat template mistral-common generates
-    for this tokenizer version (the one the FP8 release ships as chat_template.jinja)."""
+    transformers from tekken.json, with the folder's chat_template.jinja if it has one, else the
+    v15 reasoning template mistral-common generates for this tokenizer version."""
     from transformers.integrations.mistral.tokenizer import convert_tekken_tokenizer
 
     from engine.tiny_tokenizer import chat_template
 
-    return convert_tekken_tokenizer(str(tekken), chat_template=chat_template())
+    shipped = tekken.parent / "chat_template.jinja"  # the folder's own template wins
+    template = shipped.read_text(encoding="utf-8") if shipped.is_file() else chat_template()
+    return convert_tekken_tokenizer(str(tekken), chat_template=template)
 
 
 def _default_system_prompt(model_dir: Path) -> str:

@@ -69,7 +69,7 @@ class Checkpoint:
         Mistral's native layout (params.json, consolidated-*.safetensors: the NVFP4 release) is
         read through engine.checkpoint_native under the engine's names."""
         folder = _check_folder(Path(path).expanduser())
-        if not (folder / "config.json").is_file():  # _check_folder: then params.json is there
+        if _is_native(folder):
             from engine.checkpoint_native import open_native
 
             return open_native(folder)
@@ -129,6 +129,21 @@ def _check_folder(folder: Path) -> Path:
             "files (or, for the NVFP4 release, params.json and the consolidated files)."
         )
     return folder
+
+
+def _is_native(folder: Path) -> bool:
+    """Mistral's native layout: params.json without config.json, or beside a config.json that
+    describes compressed-tensors weights (what a Hugging Face export of the NVFP4 release
+    would say; Quire reads that release's own files)."""
+    if not (folder / "params.json").is_file():
+        return False
+    if not (folder / "config.json").is_file():
+        return True
+    try:
+        quant = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False  # config.json's own reading reports what is wrong with it
+    return isinstance(quant, dict) and quant.get("quant_method") == "compressed-tensors"
 
 
 def _read_json(path: Path, label: str) -> dict[str, Any]:

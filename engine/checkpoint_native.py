@@ -49,7 +49,12 @@ def open_native(folder: Path) -> Checkpoint:
     raw = hf_config(params, str(folder / PARAMS_FILE))
     config = replace(ModelConfig.from_hf(raw, where=str(folder / PARAMS_FILE)), expert_format="nvfp4")
     stored = index_tensors(folder, INDEX_FILE, SINGLE_FILE)
-    _check_tensors(folder, native_specs(config), stored)
+    if any(".qscale_" in name for name in stored):  # Mistral's native copy of the FP8 release
+        raise CheckpointError(
+            f"{folder} is Mistral's native copy of the FP8 release (params.json with FP8 "
+            "tensors); Quire reads that release in its Hugging Face form. Choose the folder "
+            "with config.json and model-0000x-of-0000y.safetensors, or the NVFP4 release.")
+    _check_tensors(folder, native_specs(config, stored), stored)
     tensors, derived = engine_view(config, stored)
     ckpt = Checkpoint(folder, config, raw, tensors, derived, native=stored)
     for name, make in list(derived.items()):  # bind the readers to this checkpoint
@@ -71,13 +76,16 @@ def _read_params(folder: Path) -> dict[str, Any]:
 def hf_config(params: dict[str, Any], where: str) -> dict[str, Any]:
     """params.json -> the config.json of the same model in HF form (Mistral3ForConditionalGeneration)."""
     try:
-        moe, yarn = params["moe"], params["yarn"]
-        l4 = params.get("llama_4_scaling") or {}
+        moe, yarn, l4 = params["moe"], params["yarn"], params["llama_4_scaling"]
         unsupported = [what for what, bad in (
             ("dense layers (moe.first_k_dense_replace)", moe.get("first_k_dense_replace", 0) != 0),
             ("MoE every n layers (moe.route_every_n)", moe.get("route_every_n", 1) != 1),
             ("tied embeddings", params.get("tied_embeddings", False)),
             ("no latent attention (kv_lora_rank)", not params.get("kv_lora_rank")),
+            ("YaRN magnitude scaling (yarn.apply_scale)", yarn.get("apply_scale", False)),
+            ("a query scaling window other than YaRN's (llama_4_scaling)",
+             l4.get("original_max_position_embeddings", yarn["original_max_position_embeddings"])
+             != yarn["original_max_position_embeddings"]),
         ) if bad]
         if unsupported:
             raise CheckpointError(f"{where} describes a model with {unsupported[0]}, which is not "
@@ -112,7 +120,7 @@ def hf_config(params: dict[str, Any], where: str) -> dict[str, Any]:
                 "factor": float(yarn["factor"]),
                 "original_max_position_embeddings": int(yarn["original_max_position_embeddings"]),
                 "beta_fast": float(yarn.get("beta", 32.0)), "beta_slow": float(yarn.get("alpha", 1.0)),
-                "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": float(l4.get("beta", 0.0)),
+                "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": float(l4["beta"]),
             },
         }
         return _with_vision({"architectures": ["Mistral3ForConditionalGeneration"],
@@ -120,7 +128,7 @@ def hf_config(params: dict[str, Any], where: str) -> dict[str, Any]:
                              "tie_word_embeddings": False, "projector_hidden_act": "gelu",
                              "vision_feature_layer": -1, "multimodal_projector_bias": False},
                             params.get("vision_encoder"), where)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # AttributeError: not an object
         raise CheckpointError(f"{where} is missing or has an invalid value for {exc}; the file looks "
                               "damaged. Copy params.json again from the original model download.") from exc
 
@@ -150,15 +158,16 @@ def _nvfp4(name: str, out_f: int, in_f: int) -> dict[str, Spec]:
         raise CheckpointError(f"{name} has {in_f} inputs, not a multiple of NVFP4's group of {nvfp4.GROUP}")
     return {f"{name}.weight_packed": (("U8",), (out_f, in_f // 2)),
             f"{name}.weight_scale": (("F8_E4M3",), (out_f, in_f // nvfp4.GROUP)),
-            f"{name}.weight_global_scale": (("F32",), (1,))}
+            f"{name}.weight_global_scale": (("F32", "BF16", "F16"), (1,))}
 
 
 def _bf16(shape: tuple[int, ...]) -> Spec:
     return ("BF16",), shape
 
 
-def native_specs(cfg: ModelConfig) -> dict[str, Spec]:
-    """Every tensor a native NVFP4 folder must hold (an optional input_global_scale aside)."""
+def native_specs(cfg: ModelConfig, stored: dict[str, TensorInfo] | None = None) -> dict[str, Spec]:
+    """Every tensor a native NVFP4 folder must hold (an optional input_global_scale aside). The
+    shared experts are NVFP4 in the release, BF16 (`.weight`) accepted where `stored` has them."""
     h, nh, i = cfg.hidden_size, cfg.num_attention_heads, cfg.moe_intermediate_size
     specs = {"tok_embeddings.weight": _bf16((cfg.vocab_size, h)), "norm.weight": _bf16((h,)),
              "output.weight": _bf16((cfg.vocab_size, h))}
@@ -176,6 +185,10 @@ def native_specs(cfg: ModelConfig) -> dict[str, Spec]:
         shared = i * cfg.n_shared_experts
         for expert in [f"{p}.shared_experts"] + [f"{p}.experts.{e}" for e in range(cfg.n_routed_experts)]:
             width = shared if expert.endswith("shared_experts") else i
+            if expert.endswith("shared_experts") and f"{expert}.w1.weight" in (stored or {}):
+                specs |= {f"{expert}.{w}.weight": _bf16((h, width) if w == "w2" else (width, h))
+                          for w in MLP}
+                continue
             specs |= _nvfp4(f"{expert}.w1", width, h) | _nvfp4(f"{expert}.w3", width, h) \
                 | _nvfp4(f"{expert}.w2", h, width)
     return specs | (_vision_specs(cfg) if cfg.vision else {})
@@ -210,8 +223,8 @@ def _check_tensors(folder: Path, specs: dict[str, Spec], stored: dict[str, Tenso
     if unused:
         raise CheckpointError(
             f"{folder} holds {len(unused)} tensor(s) that Quire's reading of params.json does not "
-            f"describe, e.g. {unused[0]}. Quire reads Mistral's native layout only for the NVFP4 "
-            "release; for the FP8 release choose the folder with config.json.")
+            f"describe, e.g. {unused[0]}: a variant of the NVFP4 release that Quire does not "
+            "know. Use the release as Mistral ships it, or the FP8 release's config.json folder.")
     for name, (dtypes, shape) in specs.items():
         info = stored[name]
         shape_ok = info.shape == shape or (shape == (1,) and info.shape == ())
@@ -230,6 +243,8 @@ def engine_view(cfg: ModelConfig, stored: dict[str, TensorInfo]) -> tuple[dict[s
         tensors[hf] = stored[native]
 
     def derive(hf: str, shape: tuple[int, ...], make) -> None:
+        # Listed as the engine holds it (bf16 bytes, for planning); read in fp32, so that each
+        # caller rounds once to its own dtype.
         num = 1
         for d in shape:
             num *= d
@@ -252,6 +267,9 @@ def engine_view(cfg: ModelConfig, stored: dict[str, TensorInfo]) -> tuple[dict[s
         shared = i * cfg.n_shared_experts
         for native, hf in MLP.items():
             shape = (h, shared) if native == "w2" else (shared, h)
+            if f"{n}.shared_experts.{native}.weight" in stored:  # BF16, as a variant may ship
+                rename(f"{p}.mlp.shared_experts.{hf}.weight", f"{n}.shared_experts.{native}.weight")
+                continue
             derive(f"{p}.mlp.shared_experts.{hf}.weight", shape,
                    partial(_dequantized, prefix=f"{n}.shared_experts.{native}"))
         derive(f"{p}.mlp.experts.gate_up_proj", (e, 2 * i, h), partial(_fused, layer=layer, gate_up=True))

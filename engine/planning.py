@@ -137,15 +137,21 @@ def plan_in_format(host_format: str, plan_for: Callable[[str], PlacementPlan]) -
     whose larger experts need a plan of their own."""
     plan = plan_for(host_format)
     if host_format == "nvfp4" and plan.host_store == "mmap":
-        need, have = plan.shape.host_expert_bytes / 1e9, detect_host_memory()[1] / 1e9
-        raise OutOfMemoryError(
-            f"The NVFP4 experts need {need:.0f} GB of RAM and {have:.0f} GB is free. Close other "
-            "programs, or use the FP8 release (config.json folder), which Quire can serve from "
-            "disk when RAM is short.")
+        raise nvfp4_needs_ram(plan.shape.host_expert_bytes)
     if host_format == "int4" and plan.host_store == "mmap":
         log.warning("%s (FP8 served from the memory-mapped files)", INT4_NEEDS_RAM)
         return plan_for("fp8"), "fp8"
     return plan, host_format
+
+
+def nvfp4_needs_ram(expert_bytes: int) -> OutOfMemoryError:
+    """NVFP4 blobs are built in RAM at load (no memory-mapped fallback): the error for a machine
+    that does not have it."""
+    have = detect_host_memory()[1] / 1e9
+    return OutOfMemoryError(
+        f"The NVFP4 experts need {expert_bytes / 1e9:.0f} GB of RAM and {have:.0f} GB is free. "
+        "Close other programs, or use the FP8 release (config.json folder), which Quire can "
+        "serve from disk when RAM is short.")
 
 
 def planned_options(opts, ckpt: Checkpoint, gpu_budget_bytes: int | None = None,
@@ -183,8 +189,10 @@ def _placed_options(opts, ckpt: Checkpoint, gpu_budget_bytes: int | None, as_lay
             return opts
         # In RAM in the host format (int4's and NVFP4's copies are smaller than FP8's).
         expert_bytes = shape_of(ckpt, opts.host_format).host_expert_bytes
-        return replace(opts, expert_cache_slots=0,
-                       host_mode="ram" if expert_bytes < 0.9 * available else "mmap")
+        fits_ram = expert_bytes < 0.9 * available
+        if not fits_ram and opts.host_format == "nvfp4":
+            raise nvfp4_needs_ram(expert_bytes)
+        return replace(opts, expert_cache_slots=0, host_mode="ram" if fits_ram else "mmap")
     def plan_for(host_format: str) -> PlacementPlan:
         return make_plan(ckpt, opts.device, gpu_budget_bytes, opts.context_length, opts.expert_cache_slots,
                          opts.num_targets, as_layers, tuple(opts.gpus), host_format)

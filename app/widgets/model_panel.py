@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +42,19 @@ GIB = 1024**3
 
 
 def is_nvfp4_release(folder: Path) -> bool:
-    """Mistral's native NVFP4 release: params.json and no config.json (the engine reads its
-    experts as shipped, whatever precision is chosen)."""
-    return (folder / "params.json").is_file() and not (folder / "config.json").is_file()
+    """Mistral's native NVFP4 release: params.json without config.json, or beside one naming
+    compressed-tensors weights (the engine reads its experts as shipped, whatever precision is
+    chosen; engine.checkpoint decides the same way)."""
+    if not (folder / "params.json").is_file():
+        return False
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):
+        return False
+    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(quant, dict) and quant.get("quant_method") == "compressed-tensors"
 
 
 def progress_text(done: int, total: int, elapsed_s: float, stage: str) -> str:

@@ -24,7 +24,7 @@ from engine.experts.policy import CachePolicy, LRFUPolicy, LRUPolicy, ShiftLRFUP
 from engine.experts.prefetch import SlotPrefetcher
 from engine.experts.profile import MachineProfile
 from engine.experts.slots import LayerSlots
-from engine.experts.store import HostExpertStore
+from engine.experts.store import HostExpertStore, byte_view
 from engine.experts.streaming import (
     LOOKAHEAD_MIN_TOKENS,
     ExpertStreamer,
@@ -294,9 +294,11 @@ class OffloadedExperts(ExpertBackend):
         host = self.store.layers[layer]
         self.bytes_copied += host.expert_bytes()
         slots = self.layers[layer]
-        return dequant_expert(host.gate_up[expert].to(device, non_blocking=True),
-                              slots.gate_up_scale[expert], host.down[expert].to(device, non_blocking=True),
-                              slots.down_scale[expert], self.dtype)
+        def moved(t: torch.Tensor) -> torch.Tensor:  # bytes across, as the slots copy them
+            return byte_view(t).to(device, non_blocking=True).view(t.dtype)
+
+        return dequant_expert(moved(host.gate_up[expert]), slots.gate_up_scale[expert],
+                              moved(host.down[expert]), slots.down_scale[expert], self.dtype)
 
     def _streamed(self, layer: int, x: torch.Tensor, top_idx: torch.Tensor,
                   top_weights: torch.Tensor) -> torch.Tensor:

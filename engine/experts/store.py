@@ -52,7 +52,8 @@ def host_format_for(cfg: ModelConfig, requested: str) -> str:
         return "nvfp4"
     if requested == "nvfp4":
         raise InputError("NVFP4 experts come only with Mistral's NVFP4 release folder. For this "
-                         "model choose 8-bit or 4-bit experts in the model panel.")
+                         "model choose 8-bit or 4-bit experts (the model panel's precision, or "
+                         "--host-format auto or int4).")
     return requested
 
 

@@ -45,7 +45,8 @@ def model_identity(model_dir: Path, dtype: str) -> str:
     first and last MiB (the header and real weight bytes): enough to tell checkpoints apart.
     """
     h = hashlib.blake2b(digest_size=16)
-    for name in ("config.json", "model.safetensors.index.json"):
+    for name in ("config.json", "model.safetensors.index.json", "params.json",
+                 "consolidated.safetensors.index.json"):
         path = model_dir / name
         if path.is_file():
             h.update(path.read_bytes())

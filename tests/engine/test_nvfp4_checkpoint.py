@@ -140,10 +140,19 @@ def test_a_machine_short_of_ram_gets_a_clear_error(nvfp4_folder):
         return plan_placement(shape_of(ckpt, fmt), [], host_available_bytes=1000, host_total_bytes=2000,
                               context_length=4096, targets=["cpu"])
 
-    if plan_for("nvfp4").host_store != "mmap":
-        pytest.skip("the planner keeps these experts in RAM")
+    assert plan_for("nvfp4").host_store == "mmap"  # what the planner does for other formats
     with pytest.raises(OutOfMemoryError, match="NVFP4 experts need .* RAM.*FP8 release"):
         plan_in_format("nvfp4", plan_for)
+
+
+def test_a_cpu_machine_short_of_ram_gets_the_same_error(nvfp4_folder, monkeypatch):
+    """Without a GPU the RAM decision is made apart from the plan: the same refusal, not a
+    load that builds 65 GB of blobs in too little memory."""
+    from engine import planning
+
+    monkeypatch.setattr(planning, "detect_host_memory", lambda: (2000, 1000))
+    with pytest.raises(OutOfMemoryError, match="NVFP4 experts need"):
+        planning.planned_options(LoadOptions(device="cpu"), Checkpoint.open(nvfp4_folder))
 
 
 def _copy(folder: Path, tmp_path: Path) -> Path:
@@ -162,12 +171,15 @@ def test_broken_folders_say_what_is_wrong(nvfp4_folder, tmp_path):
     save_file({**tensors, name: tensors[name].view(torch.uint8)}, str(shard))
     with pytest.raises(CheckpointError, match=f"{name} is U8.*params.json implies F8_E4M3"):
         Checkpoint.open(folder)
-    # Mistral's native copy of the FP8 release (qscale tensors): refused with the way out.
-    save_file({**tensors, "layers.0.attention.wo.qscale_weight": torch.ones(1)}, str(shard))
+    # Mistral's native copy of the FP8 release (qscale tensors, no NVFP4 parts): refused with
+    # the way out, not as an incomplete download.
+    fp8_copy = {n: t for n, t in tensors.items() if not n.endswith("weight_packed")}
+    save_file({**fp8_copy, "layers.0.attention.wo.qscale_weight": torch.ones(1)}, str(shard))
     index = json.loads((folder / "consolidated.safetensors.index.json").read_text())
+    index["weight_map"] = {n: f for n, f in index["weight_map"].items() if not n.endswith("weight_packed")}
     index["weight_map"]["layers.0.attention.wo.qscale_weight"] = shard.name
     (folder / "consolidated.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match="for the FP8 release choose the folder with config.json"):
+    with pytest.raises(CheckpointError, match="native copy of the FP8 release.*config.json"):
         Checkpoint.open(folder)
     (folder / "params.json").write_text("{ not json")
     with pytest.raises(CheckpointError, match="params.json .* cannot be read"):
@@ -176,10 +188,16 @@ def test_broken_folders_say_what_is_wrong(nvfp4_folder, tmp_path):
     (folder / "params.json").write_text(json.dumps({**params, "moe": {**params["moe"], "first_k_dense_replace": 1}}))
     with pytest.raises(CheckpointError, match="dense layers"):
         Checkpoint.open(folder)
-    del params["yarn"]
-    (folder / "params.json").write_text(json.dumps(params))
-    with pytest.raises(CheckpointError, match="invalid value for 'yarn'"):
-        Checkpoint.open(folder)
+    for key, edit, message in (
+            ("yarn", None, "invalid value for 'yarn'"),
+            ("llama_4_scaling", None, "invalid value for 'llama_4_scaling'"),  # another model
+            ("yarn", {**params["yarn"], "apply_scale": True}, "YaRN magnitude scaling"),
+            ("moe", [], "invalid value for"),  # not an object
+    ):
+        changed = {k: v for k, v in params.items() if k != key} | ({key: edit} if edit is not None else {})
+        (folder / "params.json").write_text(json.dumps(changed))
+        with pytest.raises(CheckpointError, match=message):
+            Checkpoint.open(folder)
 
 
 def test_a_missing_expert_tensor_is_named(nvfp4_folder, tmp_path):
@@ -285,3 +303,33 @@ def test_cuda_bf16_nvfp4_decode_runs_the_kernels(nvfp4_folder, long_expected):
     assert_close("cuda bf16 nvfp4", logits, long_expected, 0.25, mean_atol=0.03)
     assert model.experts.counters()["hits"] > 0
     model.close()
+
+
+def test_a_config_json_naming_compressed_tensors_beside_params_json_is_read_natively(nvfp4_folder, tmp_path):
+    folder = _copy(nvfp4_folder, tmp_path)
+    (folder / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "compressed-tensors"}}))
+    assert Checkpoint.open(folder).config.expert_format == "nvfp4"
+
+
+def test_bf16_shared_experts_are_accepted(nvfp4_folder, tmp_path):
+    """A variant with BF16 shared experts (`.weight`) reads them as they are."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy(nvfp4_folder, tmp_path)
+    index_path = folder / "consolidated.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = folder / index["weight_map"]["layers.1.shared_experts.w1.weight_packed"]
+    tensors = load_file(str(shard))
+    bf16 = {}
+    for w in ("w1", "w2", "w3"):
+        prefix = f"layers.1.shared_experts.{w}"
+        parts = [tensors.pop(f"{prefix}.{p}") for p in ("weight_packed", "weight_scale", "weight_global_scale")]
+        tensors.pop(f"{prefix}.input_global_scale")
+        bf16[f"{prefix}.weight"] = nvfp4.dequantize_shipped(*parts).to(torch.bfloat16)
+    save_file(tensors | bf16, str(shard))
+    index["weight_map"] = {n: f for n, f in index["weight_map"].items()
+                           if not n.startswith("layers.1.shared_experts.")} | {n: shard.name for n in bf16}
+    index_path.write_text(json.dumps(index))
+    ckpt = Checkpoint.open(folder)
+    assert torch.equal(ckpt.get("language_model.model.layers.1.mlp.shared_experts.down_proj.weight"),
+                       bf16["layers.1.shared_experts.w2.weight"])

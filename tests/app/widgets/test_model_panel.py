@@ -110,8 +110,11 @@ def test_precision_does_not_apply_to_the_nvfp4_release(qtbot: Any, make_window: 
     (native / "params.json").write_text("{}")
     panel.folder_edit.setText(str(native))
     assert not panel.precision_combo.isEnabled() and "NVFP4 release" in panel.precision_combo.toolTip()
-    (native / "config.json").write_text("{}")  # an HF folder (config.json) offers the choice
-    panel.folder_edit.setText(str(native) + "/")
+    (native / "config.json").write_text('{"quantization_config": {"quant_method": "compressed-tensors"}}')
+    panel.folder_edit.setText(str(native) + "/")  # an HF export of the same release: still NVFP4
+    assert not panel.precision_combo.isEnabled()
+    (native / "config.json").write_text("{}")  # an HF (FP8-style) folder offers the choice
+    panel.folder_edit.setText(str(native))
     assert panel.precision_combo.isEnabled() and "accuracy" in panel.precision_combo.toolTip()
 
 
