@@ -28,10 +28,12 @@ _STATUS_NOTES = {
 
 
 def format_bytes(num_bytes: float) -> str:
+    """Decimal units (1 GB = 10^9 bytes), as the engine's plan sentences count them: the memory
+    line and the plan beside it must not disagree by 7%."""
     for unit in ("B", "KB", "MB", "GB"):
-        if num_bytes < 1024 or unit == "GB":
+        if num_bytes < 1000 or unit == "GB":
             return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
-        num_bytes /= 1024
+        num_bytes /= 1000
     return f"{num_bytes:.1f} TB"
 
 

@@ -69,12 +69,6 @@ def progress_text(done: int, total: int, elapsed_s: float, stage: str) -> str:
     return " · ".join(parts)
 
 
-def plan_gb(num_bytes: int) -> str:
-    """Decimal gigabytes, as the engine's plan sentence writes them: the plan's list must not
-    disagree with its sentence by 7% (20 GB there, 18.7 in binary units here)."""
-    return f"{num_bytes / 1e9:.1f} GB"
-
-
 def plan_text(plan: Any) -> str:
     if plan is None:  # the last plan request failed: its message is shown below
         return "No plan for these settings."
@@ -84,9 +78,9 @@ def plan_text(plan: Any) -> str:
         summary = summary.removeprefix(said)
     lines = [f"<b>{verdict}.</b> {summary}", "<ul>"]
     for part in plan.parts:
-        lines.append(f"<li>{part.device}: {part.what} ({plan_gb(part.num_bytes)})</li>")
+        lines.append(f"<li>{part.device}: {part.what} ({format_bytes(part.num_bytes)})</li>")
     lines.append("</ul>")
-    lines.append(f"GPU memory {plan_gb(plan.gpu_bytes)}, host memory {plan_gb(plan.host_bytes)}.")
+    lines.append(f"GPU memory {format_bytes(plan.gpu_bytes)}, host memory {format_bytes(plan.host_bytes)}.")
     if plan.alternative:  # what the other expert precision would cache
         lines.append(f"<br><i>{html.escape(plan.alternative)}</i>")
     return "".join(lines)

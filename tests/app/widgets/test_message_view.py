@@ -59,4 +59,5 @@ def test_header_and_sizes() -> None:
         "Quire · reasoning: high · 21.0 tok/s · first token 0.40 s"
     )
     assert header_text(Turn("user")) == "You"
-    assert format_bytes(512) == "512 B" and format_bytes(3 * 1024**3) == "3.0 GB"
+    assert format_bytes(512) == "512 B" and format_bytes(3 * 10**9) == "3.0 GB"
+    assert format_bytes(24 * 2**30) == "25.8 GB"  # a 24 GiB card, in the plan's decimal units

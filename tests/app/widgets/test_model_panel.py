@@ -20,9 +20,9 @@ INT4_ERROR = (
 
 
 def test_progress_text() -> None:
-    gib = 1024**3
-    assert progress_text(2 * gib, 8 * gib, 4.0, "reading weights") == (
-        "2.0 GB of 8.0 GB · 512.0 MB/s · 12 s left · reading weights"
+    gb = 10**9
+    assert progress_text(2 * gb, 8 * gb, 4.0, "reading weights") == (
+        "2.0 GB of 8.0 GB · 500.0 MB/s · 12 s left · reading weights"
     )
     assert progress_text(0, 10, 0.0, "starting") == "0 B of 10 B · starting"
 
@@ -49,7 +49,7 @@ def test_plan_progress_loaded_and_memory(qtbot: Any, make_window: Any, tmp_path:
     assert not panel.cancel_button.isVisible() and panel.unload_button.isEnabled()
     window.on_resource_timer_timeout()
     qtbot.waitUntil(lambda: "GPU 0" in panel.memory_label.text(), timeout=TIMEOUT_MS)
-    assert "RAM: 9.0 GB of 64.0 GB" in panel.memory_label.text()
+    assert "RAM: 9.7 GB of 68.7 GB" in panel.memory_label.text()  # 9 and 64 GiB, decimal
     assert window.settings.model_dir == str(tmp_path)
     panel.unload_button.click()
     qtbot.waitUntil(lambda: not window.model_status.is_loaded, timeout=TIMEOUT_MS)
