@@ -22,6 +22,8 @@ Glossary: N output rows, K inputs.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from engine.quant import FP8_DTYPE
@@ -87,12 +89,19 @@ def dequantize_shipped(packed: torch.Tensor, scales: torch.Tensor, divisors: tor
     """The shipped tensors (`weight_packed` [N, K/2], `weight_scale` [N, K/16], the global
     scale as one value or per row) -> [N, K] in `dtype`, as `dequantize`."""
     n, k = packed.shape[0], 2 * packed.shape[1]
-    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=packed.device)
-    packed = packed.view(torch.uint8)
-    codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(n, k)  # low nibble first
+    # One gather of both nibbles' values per byte (low nibble first): half the temporaries
+    # and time of unpacking the codes first (CPU misses and tests run this).
+    values = torch.index_select(_byte_values(packed.device), 0, packed.reshape(-1).view(torch.uint8).int())
     div = divisors.to(device=packed.device, dtype=torch.float32).reshape(-1, 1)  # [N or 1, 1]
     step = scales.view(FP8_DTYPE).to(torch.float32) / div
-    return (table[codes.long()].view(n, k // GROUP, GROUP) * step[..., None]).reshape(n, k).to(dtype)
+    return values.view(n, k // GROUP, GROUP).mul_(step[..., None]).reshape(n, k).to(dtype)
+
+
+@functools.cache
+def _byte_values(device: torch.device) -> torch.Tensor:
+    """[256, 2] fp32: the E2M1 values of a byte's low and high nibble."""
+    values = torch.tensor(E2M1_VALUES, dtype=torch.float32)
+    return torch.stack([values.repeat(16), values.repeat_interleave(16)], dim=1).to(device)
 
 
 def quantize(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
