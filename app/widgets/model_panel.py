@@ -34,6 +34,7 @@ PRECISION_TIP = (
     "and answers come faster, at a small cost in accuracy. Applies at the next load; some "
     "models, like the demo, support only 8-bit."
 )
+NVFP4_LABEL = "4-bit NVFP4, as shipped"
 NVFP4_TIP = (
     "This folder is Mistral's NVFP4 release: its experts are 4-bit as Mistral ships them, so "
     "there is no precision to choose."
@@ -125,6 +126,7 @@ class ModelPanel(QWidget):
         for length in CONTEXT_LENGTHS:
             self.context_combo.addItem(f"{length // 1024}K tokens", length)
         self.precision_combo = QComboBox(self)
+        self._chosen_precision = 0  # the combo's index while an NVFP4 folder greys it out
         self.precision_combo.setAccessibleName("Expert precision")
         for host_format in HOST_FORMATS:
             self.precision_combo.addItem(PRECISION_LABELS[host_format], host_format)
@@ -187,19 +189,32 @@ class ModelPanel(QWidget):
     def set_values(
         self, folder: str, budget_gb: float, context_length: int, host_format: str = "auto"
     ) -> None:
+        # The precision before the folder: an NVFP4 release folder then greys the choice out.
+        self.precision_combo.setCurrentIndex(max(0, self.precision_combo.findData(host_format)))
         self.folder_edit.setText(folder)
         self.folder_edit.setCursorPosition(0)
+        self._show_precision_for_folder()  # the folder may have changed on disk since
         self.budget_spin.setValue(budget_gb)
         index = self.context_combo.findData(context_length)
         self.context_combo.setCurrentIndex(index if index >= 0 else 2)
-        self.precision_combo.setCurrentIndex(max(0, self.precision_combo.findData(host_format)))
 
     def _show_precision_for_folder(self) -> None:
-        """The choice does not apply to the NVFP4 release: greyed out, with the reason."""
-        text = self.folder_edit.text().strip()
-        shipped = bool(text) and is_nvfp4_release(self.folder())
-        self.precision_combo.setEnabled(not shipped)
-        self.precision_combo.setToolTip(NVFP4_TIP if shipped else PRECISION_TIP)
+        """The choice does not apply to the NVFP4 release: greyed out, saying what the experts
+        are and why; the user's choice comes back for any other folder (and stays saved)."""
+        combo = self.precision_combo
+        shipped = bool(self.folder_edit.text().strip()) and is_nvfp4_release(self.folder())
+        if shipped == (not combo.isEnabled()):
+            return
+        combo.blockSignals(True)  # not a change of the user's choice
+        if shipped:
+            self._chosen_precision = combo.currentIndex()
+            combo.setPlaceholderText(NVFP4_LABEL)
+            combo.setCurrentIndex(-1)
+        else:
+            combo.setCurrentIndex(max(0, self._chosen_precision))
+        combo.blockSignals(False)
+        combo.setEnabled(not shipped)
+        combo.setToolTip(NVFP4_TIP if shipped else PRECISION_TIP)
 
     def _emit_for_folder(self, signal: SignalInstance) -> None:
         if not self.folder_edit.text().strip():
@@ -215,7 +230,10 @@ class ModelPanel(QWidget):
         return int(self.context_combo.currentData())
 
     def host_format(self) -> str:
-        """The engine's host_format for the offloaded experts: "auto" (8-bit) or "int4"."""
+        """The engine's host_format for the offloaded experts: "auto" (8-bit) or "int4" (for
+        an NVFP4 release folder the user's choice, which the engine overrides)."""
+        if self.precision_combo.currentIndex() < 0:
+            return str(self.precision_combo.itemData(max(0, self._chosen_precision)))
         return str(self.precision_combo.currentData())
 
     def _emit_budget(self) -> None:

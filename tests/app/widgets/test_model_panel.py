@@ -108,14 +108,22 @@ def test_precision_does_not_apply_to_the_nvfp4_release(qtbot: Any, make_window: 
     native = tmp_path / "Mistral-Small-4-119B-2603-NVFP4"
     native.mkdir()
     (native / "params.json").write_text("{}")
+    panel.precision_combo.setCurrentIndex(panel.precision_combo.findData("int4"))
     panel.folder_edit.setText(str(native))
     assert not panel.precision_combo.isEnabled() and "NVFP4 release" in panel.precision_combo.toolTip()
+    assert panel.precision_combo.currentText() == "" and panel.precision_combo.placeholderText() == \
+        "4-bit NVFP4, as shipped"  # what the experts are, not a choice that does not apply
+    assert panel.host_format() == "int4"  # the user's choice is kept for other folders
     (native / "config.json").write_text('{"quantization_config": {"quant_method": "compressed-tensors"}}')
     panel.folder_edit.setText(str(native) + "/")  # an HF export of the same release: still NVFP4
     assert not panel.precision_combo.isEnabled()
     (native / "config.json").write_text("{}")  # an HF (FP8-style) folder offers the choice
     panel.folder_edit.setText(str(native))
     assert panel.precision_combo.isEnabled() and "accuracy" in panel.precision_combo.toolTip()
+    assert panel.precision_combo.currentData() == "int4"  # and the choice is back
+    (native / "config.json").unlink()
+    panel.set_values(str(native), 0, 32768, "auto")  # restored at start with a saved folder
+    assert not panel.precision_combo.isEnabled() and panel.host_format() == "auto"
 
 
 def test_precision_change_replans_is_saved_loads_and_is_restored(
