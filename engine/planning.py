@@ -37,6 +37,9 @@ def shape_of(ckpt: Checkpoint, host_format: str = "fp8") -> ModelShape:
     layer0 = layer_prefix(0) + "."
     dense_layer = sum(t.num_bytes for n, t in tensors.items()
                       if n.startswith(layer0) and not n.startswith(experts))
+    # Per-row scale tables of every expert, on the GPU ("auto" is int8 once experts are offloaded).
+    if host_format in ("auto", "int8", "nvfp4"):
+        dense_layer += cfg.n_routed_experts * (2 * cfg.moe_intermediate_size + cfg.hidden_size) * 4
     vision = sum(t.num_bytes for n, t in tensors.items()
                  if n.startswith(("vision_tower.", "multi_modal_projector.")))
     return ModelShape.from_config(
@@ -110,7 +113,7 @@ def _other_precision(ckpt: Checkpoint, plan: PlacementPlan, fmt: str,
     release has one precision, as shipped)."""
     if not any(t.is_gpu for t in plan.targets) or fmt == "nvfp4":
         return ""
-    other = "fp8" if fmt == "int4" else "int4"
+    other = "auto" if fmt == "int4" else "int4"  # 8-bit is "auto": int8 once offloaded
     cfg = ckpt.config
     if other == "int4" and not int4.supports_expert(cfg.hidden_size, cfg.moe_intermediate_size):
         return ""

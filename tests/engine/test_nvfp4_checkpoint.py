@@ -130,6 +130,9 @@ def test_host_format_is_the_shipped_one(nvfp4_folder, tiny_checkpoint):
     assert (store.fmt, store.mode, layer.gate_up.dtype) == ("nvfp4", "ram", nvfp4.BLOB_DTYPE)
     assert layer.gate_up.shape == (8, 64, nvfp4.blob_width(64)) and layer.down_scale.shape == (8, 64)
     assert shape_of(ckpt, "nvfp4").expert_bytes == nvfp4.expert_bytes(64, 32)
+    # The GPU holds every expert's divisors (as int8's row scales): planned with the dense part.
+    tables = shape_of(ckpt, "nvfp4").dense_bytes_per_layer - shape_of(ckpt, "int4").dense_bytes_per_layer
+    assert tables == 8 * (2 * 32 + 64) * 4
 
 
 def test_a_machine_short_of_ram_gets_a_clear_error(nvfp4_folder):
