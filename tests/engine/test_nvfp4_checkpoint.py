@@ -131,7 +131,7 @@ def test_host_format_is_the_shipped_one(nvfp4_folder, tiny_checkpoint):
     assert layer.gate_up.shape == (8, 64, nvfp4.blob_width(64)) and layer.down_scale.shape == (8, 64)
     assert shape_of(ckpt, "nvfp4").expert_bytes == nvfp4.expert_bytes(64, 32)
     # The GPU holds every expert's divisors (as int8's row scales): planned with the dense part.
-    tables = shape_of(ckpt, "nvfp4").dense_bytes_per_layer - shape_of(ckpt, "int4").dense_bytes_per_layer
+    tables = shape_of(ckpt, "nvfp4").dense_bytes_per_layer - shape_of(ckpt, "fp8").dense_bytes_per_layer
     assert tables == 8 * (2 * 32 + 64) * 4
 
 
