@@ -124,7 +124,7 @@ def _norm(n: int, rand: Callable):
     return (1.0 + rand(n, std=0.1)).to(torch.bfloat16)
 
 
-def layer_tensors(s: TinyShape, layer: int, rand: Callable) -> dict:
+def layer_tensors(s: TinyShape, layer: int, rand: Callable, with_experts: bool = True) -> dict:
     import torch
 
     p = f"{PREFIX}.layers.{layer}"
@@ -147,6 +147,8 @@ def layer_tensors(s: TinyShape, layer: int, rand: Callable) -> dict:
     t |= _linear_tensors(f"{m}.up_proj", s.moe_intermediate, s.hidden, rand)
     t |= _linear_tensors(f"{m}.down_proj", s.hidden, s.moe_intermediate, rand)
     e = f"{p}.mlp.experts"
+    if not with_experts:
+        return t
     if s.fast_experts:
         return t | _random_byte_experts(s, e, rand.generator)
     gate_up = rand(s.experts, 2 * s.moe_intermediate, s.hidden, std=s.hidden**-0.5)
@@ -203,7 +205,9 @@ def vision_tensors(s: TinyShape, rand: Callable) -> dict:
     return t
 
 
-def all_tensors(s: TinyShape) -> dict:
+def all_tensors(s: TinyShape, with_experts: bool = True) -> dict:
+    """Every tensor of the checkpoint (`with_experts` False: all but the routed experts, for a
+    writer that makes its own)."""
     import torch
 
     gen = torch.Generator().manual_seed(s.seed)
@@ -214,7 +218,7 @@ def all_tensors(s: TinyShape) -> dict:
     rand.generator = gen  # type: ignore[attr-defined]
     t = {f"{PREFIX}.embed_tokens.weight": rand(s.vocab, s.hidden).to(torch.bfloat16)}
     for layer in range(s.layers):
-        t |= layer_tensors(s, layer, rand)
+        t |= layer_tensors(s, layer, rand, with_experts)
     t[f"{PREFIX}.norm.weight"] = _norm(s.hidden, rand)
     t["language_model.lm_head.weight"] = rand(s.vocab, s.hidden, std=s.hidden**-0.5).to(torch.bfloat16)
     t |= vision_tensors(s, rand)

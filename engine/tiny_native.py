@@ -63,7 +63,7 @@ def native_tensors(s: TinyShape) -> dict:
 
     from engine.experts import nvfp4
 
-    hf = all_tensors(s)
+    hf = all_tensors(s, with_experts=not s.fast_experts)  # random-byte experts are made below
     nat: dict = {}
 
     def value(name: str):
