@@ -102,6 +102,8 @@ def plan_for_folder(req: api.PlanModel) -> api.PlanReady:
     gpu_bytes = sum(t.used_bytes for t in plan.targets if t.is_gpu)
     host = plan.shape.host_expert_bytes if plan.host_store == "pinned" else 0
     summary = plan.summary() if fmt == requested else f"{INT4_NEEDS_RAM}: {plan.summary()}"
+    if fmt == "nvfp4" and not any(t.is_gpu for t in plan.targets):
+        summary += f". {NVFP4_ON_CPU}"
     return api.PlanReady(req.request_id, Path(req.model_dir), plan.fits, summary, parts, host,
                          gpu_bytes, _other_precision(ckpt, plan, fmt, plan_for))
 
@@ -131,6 +133,8 @@ def _other_precision(ckpt: Checkpoint, plan: PlacementPlan, fmt: str,
     return f"With {name}: {verdict}{now}."
 
 
+NVFP4_ON_CPU = ("Without a GPU, NVFP4 experts are computed slowly (PyTorch has no CPU kernel for "
+                "them): a GPU, or the FP8 release, answers far faster")
 INT4_NEEDS_RAM = "4-bit experts need more free RAM than this machine has; planned with 8-bit ones"
 
 
