@@ -42,8 +42,8 @@ class Checkpoint:
                  tensors: dict[str, TensorInfo], derived: dict[str, Callable[[], Any]] | None = None,
                  native: dict[str, TensorInfo] | None = None) -> None:
         """`derived`: tensors formed from others when read (a Mistral-native folder's NVFP4
-        shared experts, dequantised), listed in `tensors` with the shape and dtype they are read
-        in and no file. `native`: every tensor under the folder's own names, where they differ
+        shared experts, dequantised to fp32), listed in `tensors` with their shape, the bf16
+        size the engine holds them in, and no file. `native`: every tensor under the folder's own names, where they differ
         (the host store reads the NVFP4 experts as shipped); `tensors` holds the engine's names."""
         self.path = path
         self.config = config

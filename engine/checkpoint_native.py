@@ -18,6 +18,7 @@ experts' NVFP4 bytes as shipped, from `Checkpoint.native`.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -245,10 +246,7 @@ def engine_view(cfg: ModelConfig, stored: dict[str, TensorInfo]) -> tuple[dict[s
     def derive(hf: str, shape: tuple[int, ...], make) -> None:
         # Listed as the engine holds it (bf16 bytes, for planning); read in fp32, so that each
         # caller rounds once to its own dtype.
-        num = 1
-        for d in shape:
-            num *= d
-        tensors[hf] = TensorInfo(hf, None, "BF16", shape, 2 * num, 0)
+        tensors[hf] = TensorInfo(hf, None, "BF16", shape, 2 * math.prod(shape), 0)
         derived[hf] = make
 
     rename(f"{TEXT}.embed_tokens.weight", "tok_embeddings.weight")
