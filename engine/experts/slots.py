@@ -11,7 +11,7 @@ import torch
 
 from engine.experts import dequant_kernel, fp8_kernel, int4_kernel, nvfp4, nvfp4_kernel
 from engine.experts.compute import dequant_expert, expert_forward
-from engine.experts.store import LayerExperts, byte_view
+from engine.experts.store import LayerExperts, byte_view, empty_like_format
 
 KERNEL_FORMATS = {torch.float8_e4m3fn: "fp8", torch.int8: "int8", torch.uint8: "int4",
                   nvfp4.BLOB_DTYPE: "nvfp4"}
@@ -23,8 +23,8 @@ class LayerSlots:
     def __init__(self, host: LayerExperts, device: torch.device, num_slots: int, first_slot: int) -> None:
         self.host, self.device, self.first_slot = host, device, first_slot
         shape_gu, shape_d = tuple(host.gate_up.shape[1:]), tuple(host.down.shape[1:])
-        self.gate_up = torch.empty((num_slots, *shape_gu), dtype=host.gate_up.dtype, device=device)
-        self.down = torch.empty((num_slots, *shape_d), dtype=host.down.dtype, device=device)
+        self.gate_up = empty_like_format((num_slots, *shape_gu), host.gate_up.dtype, device)
+        self.down = empty_like_format((num_slots, *shape_d), host.down.dtype, device)
         # Scales live beside the slots: reading one from host memory per use would be a
         # blocking copy for every expert of every layer.
         # fp32 and contiguous, as the kernels read them (no conversion per step).

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from engine.experts.compute import dequant_expert
-from engine.experts.store import byte_view
+from engine.experts.store import byte_view, empty_like_format
 
 # 2 buffers x 4 experts x 25 MB = 200 MB of staging at the real shapes; a group's 100 MB copy
 # keeps PCIe busy for ~2 ms, far longer than the work between two groups' copies.
@@ -28,8 +28,8 @@ class StagingBuffers:
     """Two groups' worth of expert weights on one GPU, plus the side stream that fills them."""
 
     def __init__(self, like_gate_up: torch.Tensor, like_down: torch.Tensor, device: torch.device) -> None:
-        self.gate_up = torch.empty((2, GROUP, *like_gate_up.shape[1:]), dtype=like_gate_up.dtype, device=device)
-        self.down = torch.empty((2, GROUP, *like_down.shape[1:]), dtype=like_down.dtype, device=device)
+        self.gate_up = empty_like_format((2, GROUP, *like_gate_up.shape[1:]), like_gate_up.dtype, device)
+        self.down = empty_like_format((2, GROUP, *like_down.shape[1:]), like_down.dtype, device)
         self.stream = torch.cuda.Stream(device)
         self.ready = [torch.cuda.Event(), torch.cuda.Event()]
         self.free = [torch.cuda.Event(), torch.cuda.Event()]
