@@ -336,3 +336,28 @@ def test_bf16_shared_experts_are_accepted(nvfp4_folder, tmp_path):
     ckpt = Checkpoint.open(folder)
     assert torch.equal(ckpt.get("language_model.model.layers.1.mlp.shared_experts.down_proj.weight"),
                        bf16["layers.1.shared_experts.w2.weight"])
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+def test_cached_experts_through_the_interpreted_nvfp4_kernels(nvfp4_folder, monkeypatch):
+    """The slots' real calls into the NVFP4 kernels (run by Triton's interpreter on the CPU):
+    the decode tokens' logits close to the resident engine's on the same weights. Mean within
+    bf16 parity (0.03, as tests/engine/test_cuda.py); the max is looser (1.0, measured 0.78)
+    because Triton 3.9's interpreter truncates fp32 -> bf16 where a GPU rounds to nearest
+    (3.1552 becomes 3.1406, not 3.1562), and this kernel rounds four times per expert. A
+    mis-wired call (another expert's divisors or slot) is off by whole factors."""
+    from engine.experts import slots as slots_module
+    from tests.helpers.triton_interpreter import interpreted_copy
+
+    kernels = interpreted_copy(slots_module.nvfp4_kernel)
+    monkeypatch.setattr(slots_module, "nvfp4_kernel", kernels)
+    expected = prefill_then_decode(LoadedModel(nvfp4_folder, LoadOptions(dtype="bfloat16")), LONG_IDS, 70)
+    for grouped in (True, False):
+        model = LoadedModel(nvfp4_folder, LoadOptions(dtype="bfloat16", expert_cache_slots=3))
+        for layer_slots in model.experts.layers:
+            layer_slots.use_kernel, layer_slots.use_grouped = True, grouped
+        logits = prefill_then_decode(model, LONG_IDS, prefill=70)
+        assert_close(f"interpreted nvfp4 kernels, grouped={grouped}", logits[70:].float(),
+                     expected[70:].float(), 1.0, mean_atol=0.03)
+        assert model.experts.counters()["hits"] > 0
+        model.close()
