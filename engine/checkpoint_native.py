@@ -50,7 +50,9 @@ def open_native(folder: Path) -> Checkpoint:
     raw = hf_config(params, str(folder / PARAMS_FILE))
     config = replace(ModelConfig.from_hf(raw, where=str(folder / PARAMS_FILE)), expert_format="nvfp4")
     stored = index_tensors(folder, INDEX_FILE, SINGLE_FILE)
-    if any(".qscale_" in name for name in stored):  # Mistral's native copy of the FP8 release
+    quantization = params.get("quantization")
+    fp8 = isinstance(quantization, dict) and "fp8" in str(quantization.get("qformat_weight", ""))
+    if fp8 or any(".qscale_" in name for name in stored):  # Mistral's native copy of the FP8 release
         raise CheckpointError(
             f"{folder} is Mistral's native copy of the FP8 release (params.json with FP8 "
             "tensors); Quire reads that release in its Hugging Face form. Choose the folder "
@@ -77,8 +79,9 @@ def _read_params(folder: Path) -> dict[str, Any]:
 def hf_config(params: dict[str, Any], where: str) -> dict[str, Any]:
     """params.json -> the config.json of the same model in HF form (Mistral3ForConditionalGeneration)."""
     try:
-        moe, yarn, l4 = params["moe"], params["yarn"], params["llama_4_scaling"]
+        moe, yarn, l4 = params["moe"], params["yarn"], params.get("llama_4_scaling") or {}
         unsupported = [what for what, bad in (
+            ("no Llama-4 query scaling (llama_4_scaling)", not l4),
             ("dense layers (moe.first_k_dense_replace)", moe.get("first_k_dense_replace", 0) != 0),
             ("MoE every n layers (moe.route_every_n)", moe.get("route_every_n", 1) != 1),
             ("tied embeddings", params.get("tied_embeddings", False)),

@@ -16,6 +16,8 @@ from engine.experts import int4, nvfp4
 from engine.experts.store import host_format_for
 from engine.model.names import TEXT, layer_prefix
 from engine.placement import (
+    HOST_MARGIN_FRACTION,
+    HOST_SAFETY_BYTES,
     ModelShape,
     PlacementPlan,
     detect_gpus,
@@ -37,15 +39,17 @@ def shape_of(ckpt: Checkpoint, host_format: str = "fp8") -> ModelShape:
     layer0 = layer_prefix(0) + "."
     dense_layer = sum(t.num_bytes for n, t in tensors.items()
                       if n.startswith(layer0) and not n.startswith(experts))
-    # Per-row scale tables of every expert, on the GPU ("auto" is int8 once experts are offloaded).
-    if host_format in ("auto", "int8", "nvfp4"):
-        dense_layer += cfg.n_routed_experts * (2 * cfg.moe_intermediate_size + cfg.hidden_size) * 4
+    # Per-row scale tables of every expert ("auto" is int8 once experts are offloaded): one copy
+    # in RAM with the experts, one on the GPU beside the slots (which hold the weights only).
+    tables = cfg.n_routed_experts * (2 * cfg.moe_intermediate_size + cfg.hidden_size) * 4 \
+        if host_format in ("auto", "int8", "nvfp4") else 0
     vision = sum(t.num_bytes for n, t in tensors.items()
                  if n.startswith(("vision_tower.", "multi_modal_projector.")))
     return ModelShape.from_config(
         num_layers=cfg.num_hidden_layers, num_experts=cfg.n_routed_experts,
         experts_per_token=cfg.num_experts_per_tok,
-        expert_bytes=expert_total // cfg.n_routed_experts, dense_bytes_per_layer=dense_layer,
+        expert_bytes=expert_total // cfg.n_routed_experts, dense_bytes_per_layer=dense_layer + tables,
+        host_expert_bytes=cfg.num_hidden_layers * (expert_total + tables),
         embed_bytes=tensors[f"{TEXT}.embed_tokens.weight"].num_bytes,
         lm_head_bytes=tensors["language_model.lm_head.weight"].num_bytes
         + tensors[f"{TEXT}.norm.weight"].num_bytes,
@@ -56,8 +60,8 @@ def shape_of(ckpt: Checkpoint, host_format: str = "fp8") -> ModelShape:
 
 def _host_bytes(t: TensorInfo, host_format: str) -> int:
     *lead, rows, cols = t.shape
-    if host_format == "nvfp4":  # blobs plus a float32 divisor per row
-        return math.prod(lead) * rows * (nvfp4.blob_width(cols) + 4)
+    if host_format == "nvfp4":  # blobs (the divisors are counted with the scale tables)
+        return math.prod(lead) * rows * nvfp4.blob_width(cols)
     if host_format != "int4":  # fp8 and int8: one byte per weight, like the FP8 as shipped
         return t.num_bytes
     int4.check_shape(rows, cols)
@@ -102,8 +106,9 @@ def plan_for_folder(req: api.PlanModel) -> api.PlanReady:
     gpu_bytes = sum(t.used_bytes for t in plan.targets if t.is_gpu)
     host = plan.shape.host_expert_bytes if plan.host_store == "pinned" else 0
     summary = plan.summary() if fmt == requested else f"{INT4_NEEDS_RAM}: {plan.summary()}"
-    if fmt == "nvfp4" and not any(t.is_gpu for t in plan.targets):
-        summary += f". {NVFP4_ON_CPU}"
+    if fmt == "nvfp4" and not any(t.is_gpu for t in plan.targets) \
+            and not cpu_keeps_experts_resident(ckpt, detect_host_memory()[1]):
+        summary = f"{summary.rstrip('.')}. {NVFP4_ON_CPU}."
     return api.PlanReady(req.request_id, Path(req.model_dir), plan.fits, summary, parts, host,
                          gpu_bytes, _other_precision(ckpt, plan, fmt, plan_for))
 
@@ -144,21 +149,30 @@ def plan_in_format(host_format: str, plan_for: Callable[[str], PlacementPlan]) -
     whose larger experts need a plan of their own."""
     plan = plan_for(host_format)
     if host_format == "nvfp4" and plan.host_store == "mmap":
-        raise nvfp4_needs_ram(plan.shape.host_expert_bytes)
+        experts = plan.shape.host_expert_bytes
+        raise nvfp4_needs_ram(experts, int(experts * (1 + HOST_MARGIN_FRACTION)) + HOST_SAFETY_BYTES)
     if host_format == "int4" and plan.host_store == "mmap":
         log.warning("%s (FP8 served from the memory-mapped files)", INT4_NEEDS_RAM)
         return plan_for("fp8"), "fp8"
     return plan, host_format
 
 
-def nvfp4_needs_ram(expert_bytes: int) -> OutOfMemoryError:
+def cpu_keeps_experts_resident(ckpt: Checkpoint, available: int) -> bool:
+    """Whether a CPU load holds every expert dequantised (bf16, two bytes per weight) in RAM:
+    when that takes under half the free RAM; else the host store serves them in its format."""
+    cfg = ckpt.config
+    return 6 * cfg.num_hidden_layers * cfg.n_routed_experts * cfg.hidden_size \
+        * cfg.moe_intermediate_size < available // 2
+
+
+def nvfp4_needs_ram(expert_bytes: int, need_bytes: int) -> OutOfMemoryError:
     """NVFP4 blobs are built in RAM at load (no memory-mapped fallback): the error for a machine
-    that does not have it."""
+    that does not have it. `need_bytes`: the free RAM the plan asks for (experts and headroom)."""
     have = detect_host_memory()[1] / 1e9
     return OutOfMemoryError(
-        f"The NVFP4 experts need {expert_bytes / 1e9:.0f} GB of RAM and {have:.0f} GB is free. "
-        "Close other programs, or use the FP8 release (config.json folder), which Quire can "
-        "serve from disk when RAM is short.")
+        f"The NVFP4 experts ({expert_bytes / 1e9:.0f} GB) need about {need_bytes / 1e9:.0f} GB of "
+        f"free RAM with room for the system, and {have:.0f} GB is free. Close other programs, or "
+        "use the FP8 release (config.json folder), which Quire can serve from disk when RAM is short.")
 
 
 def planned_options(opts, ckpt: Checkpoint, gpu_budget_bytes: int | None = None,
@@ -190,15 +204,13 @@ def _placed_options(opts, ckpt: Checkpoint, gpu_budget_bytes: int | None, as_lay
         if opts.expert_cache_slots is not None:
             return opts
         _, available = detect_host_memory()
-        cfg = ckpt.config  # resident experts are held in bf16, two bytes per weight
-        if 6 * cfg.num_hidden_layers * cfg.n_routed_experts * cfg.hidden_size \
-                * cfg.moe_intermediate_size < available // 2:
+        if cpu_keeps_experts_resident(ckpt, available):
             return opts
         # In RAM in the host format (int4's and NVFP4's copies are smaller than FP8's).
         expert_bytes = shape_of(ckpt, opts.host_format).host_expert_bytes
         fits_ram = expert_bytes < 0.9 * available
         if not fits_ram and opts.host_format == "nvfp4":
-            raise nvfp4_needs_ram(expert_bytes)
+            raise nvfp4_needs_ram(expert_bytes, int(expert_bytes / 0.9))
         return replace(opts, expert_cache_slots=0, host_mode="ram" if fits_ram else "mmap")
     def plan_for(host_format: str) -> PlacementPlan:
         return make_plan(ckpt, opts.device, gpu_budget_bytes, opts.context_length, opts.expert_cache_slots,

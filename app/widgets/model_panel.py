@@ -45,8 +45,14 @@ GIB = 1024**3
 def is_nvfp4_release(folder: Path) -> bool:
     """Mistral's native NVFP4 release: params.json without config.json, or beside one naming
     compressed-tensors weights (the engine reads its experts as shipped, whatever precision is
-    chosen; engine.checkpoint decides the same way)."""
-    if not (folder / "params.json").is_file():
+    chosen; engine.checkpoint decides the same way). Not Mistral's native FP8 copy, whose
+    params.json names fp8 weights."""
+    try:
+        params = json.loads((folder / "params.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    quantization = params.get("quantization") if isinstance(params, dict) else None
+    if isinstance(quantization, dict) and "fp8" in str(quantization.get("qformat_weight", "")):
         return False
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -118,8 +124,12 @@ class ModelPanel(QWidget):
         self.folder_edit.setAccessibleName("Model folder")
         self.browse_button = QPushButton("Choose folder…", self)
         self.browse_button.clicked.connect(self.on_browse_button_clicked)
-        self.budget_spin = QDoubleSpinBox(self, suffix=" GB", maximum=4096, decimals=0)
+        # GiB, as GPU makers size memory (a "24 GB" card holds 24 GiB); the plan counts in GB.
+        self.budget_spin = QDoubleSpinBox(self, suffix=" GiB", maximum=4096, decimals=0)
         self.budget_spin.setSpecialValueText("automatic")
+        self.budget_spin.setToolTip("GPU memory Quire may use on each GPU, in GiB as GPU makers "
+                                    "count it (a 24 GB card holds 24 GiB). Automatic: what is "
+                                    "free, less a safety margin.")
         self.budget_spin.setAccessibleName("VRAM budget per GPU")
         self.context_combo = QComboBox(self)
         self.context_combo.setAccessibleName("Context length")
@@ -127,6 +137,7 @@ class ModelPanel(QWidget):
             self.context_combo.addItem(f"{length // 1024}K tokens", length)
         self.precision_combo = QComboBox(self)
         self._chosen_precision = 0  # the combo's index while an NVFP4 folder greys it out
+        self._shipped = False  # the folder is the NVFP4 release: the choice does not apply
         self.precision_combo.setAccessibleName("Expert precision")
         for host_format in HOST_FORMATS:
             self.precision_combo.addItem(PRECISION_LABELS[host_format], host_format)
@@ -190,7 +201,11 @@ class ModelPanel(QWidget):
         self, folder: str, budget_gb: float, context_length: int, host_format: str = "auto"
     ) -> None:
         # The precision before the folder: an NVFP4 release folder then greys the choice out.
-        self.precision_combo.setCurrentIndex(max(0, self.precision_combo.findData(host_format)))
+        index = max(0, self.precision_combo.findData(host_format))
+        if self._shipped:
+            self._chosen_precision = index  # shown again when a folder takes a choice
+        else:
+            self.precision_combo.setCurrentIndex(index)
         self.folder_edit.setText(folder)
         self.folder_edit.setCursorPosition(0)
         self._show_precision_for_folder()  # the folder may have changed on disk since
@@ -203,8 +218,9 @@ class ModelPanel(QWidget):
         are and why; the user's choice comes back for any other folder (and stays saved)."""
         combo = self.precision_combo
         shipped = bool(self.folder_edit.text().strip()) and is_nvfp4_release(self.folder())
-        if shipped == (not combo.isEnabled()):
+        if shipped == self._shipped:
             return
+        self._shipped = shipped
         combo.blockSignals(True)  # not a change of the user's choice
         if shipped:
             self._chosen_precision = combo.currentIndex()
@@ -232,7 +248,7 @@ class ModelPanel(QWidget):
     def host_format(self) -> str:
         """The engine's host_format for the offloaded experts: "auto" (8-bit) or "int4" (for
         an NVFP4 release folder the user's choice, which the engine overrides)."""
-        if self.precision_combo.currentIndex() < 0:
+        if self._shipped:
             return str(self.precision_combo.itemData(max(0, self._chosen_precision)))
         return str(self.precision_combo.currentData())
 

@@ -54,6 +54,7 @@ import torch
 from engine.experts import combine_kernel, int4, nvfp4, nvfp4_kernel
 from engine.experts.compute import eager_dequantize  # the reference (tests read it here too)
 from engine.experts.fp8_kernel import ENABLE_FP_FUSION, TRITON_IMPORTED, usable_once
+from engine.experts.storage import to_device
 from engine.quant import FP8_DTYPE
 
 log = logging.getLogger(__name__)
@@ -347,7 +348,7 @@ def _self_test(device: torch.device, fmt: str | None = None) -> bool:
         for name, (weight, scale) in self_test_cases().items():
             if fmt is not None and not name.startswith(fmt):
                 continue
-            weight, scale = weight.to(device), scale.to(device)
+            weight, scale = to_device(weight, device), scale.to(device)
             if not same_bits(dequantize_bf16(weight, scale), eager_dequantize(weight, scale)):
                 log.warning("dequantisation kernel differs from the eager path on %s (%s): "
                             "disabled", device, name)

@@ -91,7 +91,7 @@ def dequantize_shipped(packed: torch.Tensor, scales: torch.Tensor, divisors: tor
     n, k = packed.shape[0], 2 * packed.shape[1]
     # One gather of both nibbles' values per byte (low nibble first): half the temporaries
     # and time of unpacking the codes first (CPU misses and tests run this).
-    values = torch.index_select(_byte_values(packed.device), 0, packed.reshape(-1).view(torch.uint8).int())
+    values = torch.index_select(_byte_values(packed.device), 0, packed.view(torch.uint8).reshape(-1).int())
     div = divisors.to(device=packed.device, dtype=torch.float32).reshape(-1, 1)  # [N or 1, 1]
     step = scales.view(FP8_DTYPE).to(torch.float32) / div
     return values.view(n, k // GROUP, GROUP).mul_(step[..., None]).reshape(n, k).to(dtype)

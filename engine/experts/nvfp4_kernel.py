@@ -53,6 +53,7 @@ from engine.experts.fp8_kernel import (
 )
 from engine.experts.fp8_kernel import MAX_TOKENS as MAX_TOKENS  # re-exported for callers
 from engine.experts.fp8_kernel import _check_tokens as check_tokens
+from engine.experts.storage import to_device
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +309,7 @@ def _self_test(device: torch.device, hidden: int, width: int, grouped: bool) -> 
     try:
         x = torch.randn(3, hidden, generator=torch.Generator().manual_seed(1))
         x = x.to(device, torch.bfloat16)
-        gu, gu_d, dn, dn_d = (t.to(device) for t in random_blobs(hidden, width))
+        gu, gu_d, dn, dn_d = (to_device(t, device) for t in random_blobs(hidden, width))
         ids = [2, 0]  # out of order, slot 1 skipped
         if grouped:  # as the slots would call it: the layer's divisor tables by expert id
             t_ids = torch.tensor(ids, dtype=torch.int32, device=device)

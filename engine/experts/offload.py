@@ -24,7 +24,8 @@ from engine.experts.policy import CachePolicy, LRFUPolicy, LRUPolicy, ShiftLRFUP
 from engine.experts.prefetch import SlotPrefetcher
 from engine.experts.profile import MachineProfile
 from engine.experts.slots import LayerSlots
-from engine.experts.store import HostExpertStore, byte_view
+from engine.experts.storage import to_device
+from engine.experts.store import HostExpertStore
 from engine.experts.streaming import (
     LOOKAHEAD_MIN_TOKENS,
     ExpertStreamer,
@@ -294,11 +295,10 @@ class OffloadedExperts(ExpertBackend):
         host = self.store.layers[layer]
         self.bytes_copied += host.expert_bytes()
         slots = self.layers[layer]
-        def moved(t: torch.Tensor) -> torch.Tensor:  # bytes across, as the slots copy them
-            return byte_view(t).to(device, non_blocking=True).view(t.dtype)
-
-        return dequant_expert(moved(host.gate_up[expert]), slots.gate_up_scale[expert],
-                              moved(host.down[expert]), slots.down_scale[expert], self.dtype)
+        return dequant_expert(to_device(host.gate_up[expert], device, non_blocking=True),
+                              slots.gate_up_scale[expert],
+                              to_device(host.down[expert], device, non_blocking=True),
+                              slots.down_scale[expert], self.dtype)
 
     def _streamed(self, layer: int, x: torch.Tensor, top_idx: torch.Tensor,
                   top_weights: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@ import torch
 
 from engine.experts import dequant_kernel, fp8_kernel, int4_kernel, nvfp4, nvfp4_kernel
 from engine.experts.compute import dequant_expert, expert_forward
-from engine.experts.store import LayerExperts, byte_view, empty_like_format
+from engine.experts.storage import byte_view, empty_like_format
+from engine.experts.store import LayerExperts
 
 KERNEL_FORMATS = {torch.float8_e4m3fn: "fp8", torch.int8: "int8", torch.uint8: "int4",
                   nvfp4.BLOB_DTYPE: "nvfp4"}

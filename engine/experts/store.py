@@ -37,21 +37,6 @@ TORCH_VIEW = {"F8_E4M3": FP8_DTYPE, "BF16": torch.bfloat16, "F16": torch.float16
               "U8": torch.uint8}
 
 
-def byte_view(t: torch.Tensor) -> torch.Tensor:
-    """A 1-byte-per-element expert tensor's bytes as uint8 (bf16 ones as they are), for copies:
-    the NVFP4 blobs' dtype (float4_e2m1fn_x2) has few kernels of its own in PyTorch, and a
-    byte copy is what every 1-byte format needs."""
-    return t.view(torch.uint8) if t.element_size() == 1 else t
-
-
-def empty_like_format(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Uninitialised storage for experts of a host format on `device`: 1-byte formats as bytes
-    viewed as their dtype (PyTorch needs nothing of float4_e2m1fn_x2 but the view)."""
-    if dtype.itemsize == 1:
-        return torch.empty(shape, dtype=torch.uint8, device=device).view(dtype)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def host_format_for(cfg: ModelConfig, requested: str) -> str:
     """The host format a load uses: the NVFP4 release's experts stay as shipped whatever was
     asked (its 4-bit experts are already as small as int4's, and more exact than requantising);

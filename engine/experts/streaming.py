@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from engine.experts.compute import dequant_expert
-from engine.experts.store import byte_view, empty_like_format
+from engine.experts.storage import byte_view, empty_like_format
 
 # 2 buffers x 4 experts x 25 MB = 200 MB of staging at the real shapes; a group's 100 MB copy
 # keeps PCIe busy for ~2 ms, far longer than the work between two groups' copies.

@@ -129,10 +129,13 @@ def test_host_format_is_the_shipped_one(nvfp4_folder, tiny_checkpoint):
     layer = store.layers[0]
     assert (store.fmt, store.mode, layer.gate_up.dtype) == ("nvfp4", "ram", nvfp4.BLOB_DTYPE)
     assert layer.gate_up.shape == (8, 64, nvfp4.blob_width(64)) and layer.down_scale.shape == (8, 64)
-    assert shape_of(ckpt, "nvfp4").expert_bytes == nvfp4.expert_bytes(64, 32)
-    # The GPU holds every expert's divisors (as int8's row scales): planned with the dense part.
-    tables = shape_of(ckpt, "nvfp4").dense_bytes_per_layer - shape_of(ckpt, "fp8").dense_bytes_per_layer
-    assert tables == 8 * (2 * 32 + 64) * 4
+    shape = shape_of(ckpt, "nvfp4")
+    assert shape.expert_bytes == layer.expert_bytes()  # what a slot holds and a miss moves
+    # Every expert's divisors, as the store holds them: on the GPU beside the slots (planned with
+    # the dense part) and in RAM with the experts.
+    tables = (layer.gate_up_scale.numel() + layer.down_scale.numel()) * layer.down_scale.element_size()
+    assert shape.dense_bytes_per_layer - shape_of(ckpt, "fp8").dense_bytes_per_layer == tables
+    assert shape.host_expert_bytes == 2 * (8 * layer.expert_bytes() + tables)
 
 
 def test_a_machine_short_of_ram_gets_a_clear_error(nvfp4_folder):
@@ -144,7 +147,7 @@ def test_a_machine_short_of_ram_gets_a_clear_error(nvfp4_folder):
                               context_length=4096, targets=["cpu"])
 
     assert plan_for("nvfp4").host_store == "mmap"  # what the planner does for other formats
-    with pytest.raises(OutOfMemoryError, match="NVFP4 experts need .* RAM.*FP8 release"):
+    with pytest.raises(OutOfMemoryError, match=r"NVFP4 experts \(.*\) need about .* free RAM.*FP8 release"):
         plan_in_format("nvfp4", plan_for)
 
 
@@ -154,7 +157,7 @@ def test_a_cpu_machine_short_of_ram_gets_the_same_error(nvfp4_folder, monkeypatc
     from engine import planning
 
     monkeypatch.setattr(planning, "detect_host_memory", lambda: (2000, 1000))
-    with pytest.raises(OutOfMemoryError, match="NVFP4 experts need"):
+    with pytest.raises(OutOfMemoryError, match=r"NVFP4 experts \(.*\) need about"):
         planning.planned_options(LoadOptions(device="cpu"), Checkpoint.open(nvfp4_folder))
 
 
@@ -184,6 +187,14 @@ def test_broken_folders_say_what_is_wrong(nvfp4_folder, tmp_path):
     (folder / "consolidated.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="native copy of the FP8 release.*config.json"):
         Checkpoint.open(folder)
+    params = json.loads((folder / "params.json").read_text())  # said by params.json alone too
+    (folder / "params.json").write_text(json.dumps(params | {"quantization": {"qformat_weight": "fp8_e4m3"}}))
+    save_file(fp8_copy, str(shard))
+    del index["weight_map"]["layers.0.attention.wo.qscale_weight"]
+    (folder / "consolidated.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="native copy of the FP8 release"):
+        Checkpoint.open(folder)
+    (folder / "params.json").write_text(json.dumps(params))
     (folder / "params.json").write_text("{ not json")
     with pytest.raises(CheckpointError, match="params.json .* cannot be read"):
         Checkpoint.open(folder)
@@ -193,7 +204,7 @@ def test_broken_folders_say_what_is_wrong(nvfp4_folder, tmp_path):
         Checkpoint.open(folder)
     for key, edit, message in (
             ("yarn", None, "invalid value for 'yarn'"),
-            ("llama_4_scaling", None, "invalid value for 'llama_4_scaling'"),  # another model
+            ("llama_4_scaling", None, "Llama-4 query scaling"),  # another model
             ("yarn", {**params["yarn"], "apply_scale": True}, "YaRN magnitude scaling"),
             ("moe", [], "invalid value for"),  # not an object
     ):
@@ -361,3 +372,17 @@ def test_cached_experts_through_the_interpreted_nvfp4_kernels(nvfp4_folder, monk
                      expected[70:].float(), 1.0, mean_atol=0.03)
         assert model.experts.counters()["hits"] > 0
         model.close()
+
+
+def test_a_cpu_plan_warns_only_where_the_experts_stay_nvfp4(nvfp4_folder, monkeypatch):
+    """Without a GPU, NVFP4 experts computed from the host store are slow: the plan says so,
+    unless RAM keeps them all dequantised (then they are as fast as any)."""
+    from engine import planning
+
+    def summary(resident: bool) -> str:
+        monkeypatch.setattr(planning, "cpu_keeps_experts_resident", lambda ckpt, available: resident)
+        return planning.plan_for_folder(api.PlanModel("p", nvfp4_folder, "cpu", context_length=4096)).summary
+
+    assert planning.NVFP4_ON_CPU not in summary(True)
+    warned = summary(False)
+    assert warned.endswith(f"RAM. {planning.NVFP4_ON_CPU}."), warned

@@ -179,7 +179,6 @@ def test_an_nvfp4_release_folder_plans_loads_and_answers(service, tokenizer_dir,
     svc.submit(api.PlanModel("p", folder, device="cpu", context_length=4096, host_format="int4"))
     plan = next(e for e in sink.until_finished("p") if isinstance(e, api.PlanReady))
     assert plan.fits and plan.alternative == ""  # one precision: as shipped
-    assert "Without a GPU, NVFP4 experts are computed slowly" in plan.summary  # said before loading
     events = _load(svc, sink, folder, expert_cache_slots=2, host_format="int4")
     loaded = next(e for e in events if isinstance(e, api.ModelLoaded))
     assert "NVFP4" in loaded.device_summary and loaded.supports_images

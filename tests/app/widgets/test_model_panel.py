@@ -124,6 +124,14 @@ def test_precision_does_not_apply_to_the_nvfp4_release(qtbot: Any, make_window: 
     (native / "config.json").unlink()
     panel.set_values(str(native), 0, 32768, "auto")  # restored at start with a saved folder
     assert not panel.precision_combo.isEnabled() and panel.host_format() == "auto"
+    panel.set_values(str(native) + "/", 0, 32768, "int4")  # values set while greyed out
+    assert panel.precision_combo.placeholderText() == "4-bit NVFP4, as shipped"
+    assert panel.precision_combo.currentIndex() < 0 and panel.host_format() == "int4"
+    panel.set_values(str(tmp_path), 0, 32768, "auto")  # then a folder that takes a choice
+    assert panel.precision_combo.isEnabled() and panel.host_format() == "auto"
+    (native / "params.json").write_text('{"quantization": {"qformat_weight": "fp8_e4m3"}}')
+    panel.folder_edit.setText(str(native))  # Mistral's native FP8 copy is not the NVFP4 release
+    assert panel.precision_combo.isEnabled()
 
 
 def test_precision_change_replans_is_saved_loads_and_is_restored(
