@@ -18,15 +18,17 @@ check that they do.
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 
 from engine.experts import nvfp4, nvfp4_kernel
 from tests.helpers.triton_interpreter import (
     QUIET_INTERPRETER,
+    assert_production_never_interprets,
+    assert_self_test_catches_broken_kernels,
     interpreted_kernels,
+    rel_errors,
+    tokens,
 )
 
 TOL = 0.04
@@ -45,17 +47,6 @@ def small_blocks(kernels, monkeypatch):
     monkeypatch.setattr(kernels, "BLOCK_N", 32)
     monkeypatch.setattr(kernels, "MAX_GROUPS", 2)
     return kernels
-
-
-def tokens(count: int, hidden: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(count, hidden, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
-
-
-def rel_errors(ours: torch.Tensor, refs: list[torch.Tensor]) -> list[float]:
-    """Per expert: max |ours - ref| / max |ref| (NaN counts as huge)."""
-    assert ours.dtype == torch.bfloat16 and ours.shape == (len(refs), *refs[0].shape)
-    return [float(torch.nan_to_num((o.float() - r.float()).abs().max() / r.float().abs().max(),
-                                   nan=1e9)) for o, r in zip(ours, refs, strict=True)]
 
 
 def eager_refs(x, gu, gu_d, dn, dn_d, experts) -> list[torch.Tensor]:
@@ -198,26 +189,11 @@ def test_a_wrong_divisor_nibble_order_scale_or_slot_is_caught(kernels):
 
 @pytest.mark.parametrize("grouped", [False, True], ids=["single", "grouped"])
 def test_self_test_passes_and_catches_a_broken_kernel(kernels, monkeypatch, caplog, grouped):
-    cpu = torch.device("cpu")
-    assert kernels._self_test(cpu, *SHAPES[0], grouped)
-    launch = kernels._launch
-    monkeypatch.setattr(kernels, "_launch", lambda *args, **kwargs: launch(*args, **kwargs) * 1.1)
-    with caplog.at_level(logging.WARNING):
-        assert not kernels._self_test(cpu, *SHAPES[0], grouped)
-    assert "disagrees with the eager path" in caplog.text
-    monkeypatch.setattr(kernels, "_launch", lambda *args, **kwargs: 1 / 0)
-    with caplog.at_level(logging.WARNING):
-        assert not kernels._self_test(cpu, *SHAPES[0], grouped)
-    assert "NVFP4 expert kernel unavailable" in caplog.text
+    assert_self_test_catches_broken_kernels(kernels, SHAPES[0], grouped, monkeypatch, caplog, "NVFP4")
 
 
 def test_production_never_uses_the_interpreter(kernels):
-    assert not nvfp4_kernel.INTERPRETED
-    for module in (nvfp4_kernel, kernels):
-        assert not module.kernel_usable(torch.device("cpu"), *SHAPES[0])
-        assert not module.grouped_kernel_usable(torch.device("cpu"), *SHAPES[0])
-    # Even given a GPU, an interpreted build must not serve: it is numpy, far too slow.
-    assert not kernels.grouped_kernel_usable(torch.device("cuda", 0), *SHAPES[0])
+    assert_production_never_interprets(nvfp4_kernel, kernels, SHAPES[0])
     with pytest.raises(ValueError, match="not int4"):
         nvfp4_kernel.kernel_usable(torch.device("cpu"), *SHAPES[0], fmt="int4")
 
