@@ -65,8 +65,6 @@ def assert_self_test_catches_broken_kernels(kernels: ModuleType, shape: tuple[in
 def assert_production_never_interprets(module: ModuleType, kernels: ModuleType, shape: tuple[int, int]) -> None:
     """The production module is compiled Triton, and an interpreted copy never serves (on the CPU,
     nor given a GPU: it is numpy, far too slow)."""
-    import torch
-
     assert not module.INTERPRETED
     for m in (module, kernels):
         assert not m.kernel_usable(torch.device("cpu"), *shape)
