@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import tempfile
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from engine import native_build
 from engine.bench import machine
 from engine.bench.measure import (
     TraceRouting,
@@ -65,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefetch-error", type=float, default=0.15,
                    help="forced routing: chance each predicted next-layer expert is wrong")
     p.add_argument("--no-cpu-misses", action="store_true", help="serve misses by PCIe copies only")
+    p.add_argument("--no-cpu-kernels", action="store_true",
+                   help="FP8 and NVFP4 experts on the CPU through PyTorch, not Quire's C kernels "
+                        "(the baseline they are measured against)")
     p.add_argument("--attention-kernel", choices=("auto", "flash", "efficient"), default="auto",
                    help="CUDA prefill attention kernel (auto: FlashAttention with padded values "
                         "if it passes its self-test, else the memory-efficient one)")
@@ -175,6 +180,7 @@ def run(args: argparse.Namespace) -> dict:
                                 for (dev, dtype), kernel in fused_attention._checked.items()}
     steps = model.decoder.decode_steps
     out["cuda_graphs"] = steps is not None and not steps.failed
+    out["cpu_kernels"] = cpu_kernels()
     out["ceiling"] = ceiling(out["machine"], decode[0] if decode else None, cfg, args,
                              out["host_format"], out["expert_bytes"])
     if args.baseline == "hf":
@@ -252,12 +258,25 @@ def ceiling(mach: dict, row: dict | None, cfg, args: argparse.Namespace, host_fo
             "achieved_over_ceiling": row["avg_ts"] / path}
 
 
+def cpu_kernels() -> dict[str, str | None]:
+    """Which of Quire's C expert kernels serve this run: "avx2", "portable", or None (PyTorch)."""
+    from engine.experts import fp8_cpu, nvfp4_cpu
+
+    built = {"fp8": fp8_cpu.kernel(), "nvfp4": nvfp4_cpu.kernel()}
+    return {fmt: None if k is None else "avx2" if k.simd else "portable" for fmt, k in built.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.host_format in ("int8", "int4", "nvfp4") and args.host_mode == "mmap":
         parser.error(f"--host-format {args.host_format} is a copy built in RAM; "
                      "--host-mode mmap serves FP8 from the files (use --host-mode pinned)")
+    for name in ("prefill", "followup"):
+        if any(size <= 0 for size in _ints(getattr(args, name))):
+            parser.error(f"--{name} sizes are token counts above 0; --{name} '' measures none")
+    if args.no_cpu_kernels:  # before anything loads them (engine.native_build reads it)
+        os.environ[native_build.DISABLE_ENV] = "off"
     try:
         result = run(args)
     except QuireError as exc:

@@ -42,8 +42,8 @@ FULL = [
     ("prefill-24g-int4", ["--gpu-budget", "24GiB", "--depth", "", "--prefill", "32768",
                           "--host-format", "int4"],
      [("results.0.avg_ts", ">=", 6000.0, "prefill tok/s at 32K, 24 GiB, int4 experts")]),
-    # The NVFP4 release (synthetic at the real shapes): int4's bytes, as shipped; misses go over
-    # PCIe (PyTorch has no CPU kernel for NVFP4, so the measured split sends few to the CPU).
+    # The NVFP4 release (synthetic at the real shapes): int4's bytes, as shipped; misses split
+    # between PCIe and Quire's NVFP4 CPU kernel (engine.experts.nvfp4_cpu) by measured rates.
     ("decode-24g-trace-nvfp4", ["--gpu-budget", "24GiB", "--routing", "synthetic", "--depth", "0",
                                 "--prefill", "", "--host-format", "nvfp4"],
      [("results.0.avg_ts", ">=", 40.0, "decode tok/s, calibrated trace, 24 GiB, NVFP4 release")]),

@@ -33,6 +33,11 @@ def profile_key(device: torch.device, host_format: str, hidden: int, width: int)
         gpu = f"{props.name} at {slot or device.index}"
     from engine.bench.machine import cpu_name
 
+    if host_format in ("fp8", "nvfp4"):  # the rate depends on whether Quire's CPU kernel built
+        from engine.experts import fp8_cpu, nvfp4_cpu
+
+        module = fp8_cpu if host_format == "fp8" else nvfp4_cpu
+        host_format += f"+{module.KERNEL_VERSION}" if module.available() else "+pytorch"
     return f"{gpu}|{cpu_name()}|{torch.get_num_threads()} threads|{host_format}|{hidden}x{width}"
 
 

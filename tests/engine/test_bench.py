@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+from engine import native_build
+
 
 def test_bench_json_on_cpu(tiny_checkpoint, tmp_path):
     out = tmp_path / "bench.json"
@@ -38,6 +40,8 @@ def test_bench_json_on_cpu(tiny_checkpoint, tmp_path):
     assert all(rate > 0 for rate in result["machine"]["cpu_expert_tokens_per_s"].values())
     assert result["host_format"] == "int8"  # "auto" with offloaded experts
     assert set(result["attention_kernels"].values()) <= {"cpu", None}  # no CUDA kernel on a CPU
+    if native_build.compiler():  # Quire's C kernels serve the FP8 and NVFP4 experts
+        assert set(result["cpu_kernels"].values()) <= {"avx2", "portable"}
 
 
 def test_synthetic_real_shape_config_is_the_real_one():
@@ -101,10 +105,22 @@ def test_bench_on_an_nvfp4_release_folder(tokenizer_dir, tmp_path):
         [sys.executable, "-m", "engine.bench", "--model", str(folder), "--device", "cpu", "--depth", "0",
          "--prefill", "", "--tokens", "4", "--warmup", "1", "--routing", "random",
          "--expert-cache-slots", "2", "--baseline", "hf", "--baseline-tokens", "2",
-         "--work-dir", str(tmp_path)],
+         "--no-cpu-kernels", "--work-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     assert result["host_format"] == "nvfp4" and result["baseline"]["tg_ts"] > 0
+    assert result["cpu_kernels"] == {"fp8": None, "nvfp4": None}  # --no-cpu-kernels: PyTorch's paths
     assert result["expert_bytes"] == 2 * 32 * nvfp4.blob_width(64) + 64 * nvfp4.blob_width(32)
     assert result["results"][0]["avg_ts"] > 0
+
+
+def test_a_prefill_size_of_zero_is_refused_with_the_way_to_measure_none(capsys):
+    import pytest
+
+    from engine.bench.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--prefill", "0", "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert "--prefill '' measures none" in capsys.readouterr().err

@@ -92,7 +92,7 @@ def test_captured_step_sets_are_kept_per_cache_buffers(tiny_checkpoint, monkeypa
     assert steps.begin(caches[2]) and steps._captured == {0: "captured for caches[2]"}
 
 
-def test_fused_layer_end_keeps_decode_bit_identical(tiny_checkpoint, monkeypatch):
+def test_fused_layer_end_keeps_decode_bit_identical(tiny_checkpoint, monkeypatch, dequantised_cpu_misses):
     """The GPU's decode step ends a layer in one combine launch when the grouped kernel served
     every expert. Its bookkeeping on the CPU, both kernels replaced by their eager definitions:
     the router columns and weights reach the combine in id order, so the bf16 logits equal the

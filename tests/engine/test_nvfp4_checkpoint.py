@@ -20,7 +20,7 @@ from engine import api
 from engine.api import SamplingParams
 from engine.checkpoint import Checkpoint
 from engine.errors import CheckpointError, InputError, OutOfMemoryError
-from engine.experts import nvfp4
+from engine.experts import nvfp4, nvfp4_cpu
 from engine.experts.store import HostExpertStore, host_format_for
 from engine.generate import Generator
 from engine.planning import plan_in_format, shape_of
@@ -78,6 +78,22 @@ def test_prefill_logits_match_transformers(nvfp4_folder, reference, options):
     assert_close(f"nvfp4 {options}", ours, expected, FP32_ATOL)
     if options:
         assert model.decoder.experts.store.fmt == "nvfp4"
+
+
+@pytest.mark.skipif(not nvfp4_cpu.available(), reason="no C compiler: PyTorch serves NVFP4 on the CPU")
+def test_cpu_misses_go_through_the_cpu_kernel_and_match_transformers(nvfp4_folder, reference, monkeypatch):
+    """Every expert a miss: the prompt's and a decode step's experts are computed by the NVFP4 CPU
+    kernel's products (fp32, from the blobs), within the fp32 tolerance of transformers."""
+    calls: list[int] = []
+    real_matmul = nvfp4_cpu.Kernel.matmul
+    monkeypatch.setattr(nvfp4_cpu.Kernel, "matmul",
+                        lambda self, x, *a: (calls.append(len(x)), real_matmul(self, x, *a))[1])
+    model = _ours(nvfp4_folder, expert_cache_slots=0)
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor([PROMPT_IDS])).logits[0]
+    ours = prefill_then_decode(model, PROMPT_IDS, prefill=len(PROMPT_IDS) - 1)
+    assert_close("nvfp4 through the CPU kernel", ours, expected, FP32_ATOL)
+    assert calls and 1 in calls  # the decode step's experts too
 
 
 def test_chunked_greedy_decode_through_the_cache_matches_transformers(nvfp4_folder, reference):
@@ -258,7 +274,8 @@ def test_streamed_prefill_then_decode_matches_transformers(nvfp4_folder, long_ex
     assert model.experts.counters()["hits"] + model.experts.counters()["misses"] > 0
 
 
-def test_slots_hand_nvfp4_blobs_and_divisors_to_its_kernels(nvfp4_folder, monkeypatch):
+def test_slots_hand_nvfp4_blobs_and_divisors_to_its_kernels(nvfp4_folder, monkeypatch,
+                                                           dequantised_cpu_misses):
     """Cached NVFP4 experts go to engine.experts.nvfp4_kernel (here replaced by the eager
     reference, which the kernel tests hold the kernels to): one grouped call per decode step
     with the layer's divisor tables read at the experts' ids, and the single-expert form."""
@@ -374,15 +391,20 @@ def test_cached_experts_through_the_interpreted_nvfp4_kernels(nvfp4_folder, monk
         model.close()
 
 
-def test_a_cpu_plan_warns_only_where_the_experts_stay_nvfp4(nvfp4_folder, monkeypatch):
-    """Without a GPU, NVFP4 experts computed from the host store are slow: the plan says so,
-    unless RAM keeps them all dequantised (then they are as fast as any)."""
+def test_a_cpu_plan_warns_only_where_the_experts_stay_nvfp4_without_the_cpu_kernel(
+        nvfp4_folder, monkeypatch):
+    """Without a GPU, NVFP4 experts computed from the host store are slow when Quire's CPU
+    kernel could not be built (no C compiler): the plan says so, unless RAM keeps them all
+    dequantised (then they are as fast as any)."""
     from engine import planning
+    from engine.experts import nvfp4_cpu
 
-    def summary(resident: bool) -> str:
+    def summary(resident: bool, kernel: bool = False) -> str:
         monkeypatch.setattr(planning, "cpu_keeps_experts_resident", lambda ckpt, available: resident)
+        monkeypatch.setattr(nvfp4_cpu, "available", lambda: kernel)
         return planning.plan_for_folder(api.PlanModel("p", nvfp4_folder, "cpu", context_length=4096)).summary
 
     assert planning.NVFP4_ON_CPU not in summary(True)
+    assert planning.NVFP4_ON_CPU not in summary(False, kernel=True)
     warned = summary(False)
     assert warned.endswith(f"RAM. {planning.NVFP4_ON_CPU}."), warned

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from engine import api
+from engine.experts import fp8_cpu
 from engine.experts.offload import STREAM_MIN_TOKENS
 from engine.experts.profile import MachineProfile
 from engine.generate import Generator
@@ -49,6 +50,22 @@ def test_offloaded_logits_match_reference(tiny_checkpoint, reference_logits, slo
         assert counters["hits"] == 0 and counters["cpu_experts"] > 0
     if not cpu_misses:
         assert counters["cpu_experts"] == 0 and counters["bytes_copied"] > 0
+    model.close()
+
+
+@pytest.mark.skipif(not fp8_cpu.available(), reason="no C compiler: PyTorch serves FP8 on the CPU")
+def test_fp8_cpu_misses_go_through_the_cpu_kernel_and_keep_the_reference_logits(
+        tiny_checkpoint, reference_logits, monkeypatch):
+    """Every expert a miss in the exact FP8 format: the decode steps' experts are computed by
+    the FP8 CPU kernel straight from the shipped bytes (the 70-token prompt's are streamed)."""
+    calls: list[int] = []
+    real_matmul = fp8_cpu.Kernel.matmul
+    monkeypatch.setattr(fp8_cpu.Kernel, "matmul",
+                        lambda self, x, *a: (calls.append(len(x)), real_matmul(self, x, *a))[1])
+    model = LoadedModel(tiny_checkpoint, LoadOptions(dtype="float32", expert_cache_slots=0,
+                                                     host_format="fp8"))
+    assert_close("fp8 through the CPU kernel", _run(model, prefill=70), reference_logits, FP32_ATOL)
+    assert calls and set(calls) == {1}
     model.close()
 
 
@@ -191,7 +208,7 @@ def test_machine_profile_is_measured_once_and_stored(tmp_path):
 
 
 @pytest.mark.parametrize("slots", [0, 2])
-def test_bf16_offload_is_bit_identical_to_resident(tiny_checkpoint, slots):
+def test_bf16_offload_is_bit_identical_to_resident(tiny_checkpoint, slots, dequantised_cpu_misses):
     """Where an expert runs (slot, staging, CPU thread) never changes the result: the same
     dequantisation, the same sum order."""
     resident = LoadedModel(tiny_checkpoint, LoadOptions(dtype="bfloat16"))
@@ -214,7 +231,7 @@ def test_prefetch_keeps_the_reference_logits(tiny_checkpoint, reference_logits, 
     model.close()
 
 
-def test_prefetch_is_bit_identical_in_bf16(tiny_checkpoint):
+def test_prefetch_is_bit_identical_in_bf16(tiny_checkpoint, dequantised_cpu_misses):
     plain = LoadedModel(tiny_checkpoint, LoadOptions(dtype="bfloat16", expert_cache_slots=2))
     prefetched = LoadedModel(tiny_checkpoint, LoadOptions(dtype="bfloat16", expert_cache_slots=2,
                                                           prefetch=True))
@@ -256,7 +273,8 @@ def test_per_layer_slot_counts_from_the_plan(tiny_checkpoint, reference_logits):
     model.close()
 
 
-def test_grouped_decode_path_passes_the_right_slots_and_scales(tiny_checkpoint, monkeypatch):
+def test_grouped_decode_path_passes_the_right_slots_and_scales(tiny_checkpoint, monkeypatch,
+                                                              dequantised_cpu_misses):
     """The grouped GPU kernel's bookkeeping, on the CPU: each cached expert of a decode step
     is computed from its own slot with its own scales (the kernel replaced by the eager
     dequantise path), so the result is bit-identical to the resident engine's."""

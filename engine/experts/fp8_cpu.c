@@ -1,0 +1,94 @@
+/* FP8 (E4M3) expert matrices on the CPU, read as shipped: built once per machine and loaded by
+ * engine/experts/fp8_cpu.py. A matrix is N rows of K bytes, `row_bytes` apart, with one fp32
+ * multiplier for the whole matrix (the release's per-expert `*_scale_inv`). Each function
+ * handles rows [r0, r1): the caller splits the rows over threads.
+ *
+ * E4M3 to fp32 by bits: the 7 exponent-and-mantissa bits placed at fp32 bits 20-26 make a float
+ * 2^-120 times the value (subnormals included), so one multiply by 2^120 restores it exactly;
+ * the sign bit moves to bit 31; 0x7F and 0xFF are NaN. No -ffast-math: the dequantisation must
+ * equal PyTorch's fp32 arithmetic.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(QUIRE_PORTABLE)
+#include <immintrin.h>
+#define QUIRE_SIMD 1
+#else
+#define QUIRE_SIMD 0
+#endif
+
+#define TILE 8 /* tokens per pass over a row: eight accumulators stay in registers */
+#define TWO_TO_120 1.329227995784916e+36f
+
+int quire_fp8_simd(void) { return QUIRE_SIMD; }
+
+#if QUIRE_SIMD
+static inline __m256 e4m3x8(const uint8_t *bytes) {
+    const __m256i low7 = _mm256_set1_epi32(0x7F), sign = _mm256_set1_epi32(0x80);
+    __m256i wide = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)bytes));
+    __m256i magnitude = _mm256_and_si256(wide, low7);
+    __m256i bits = _mm256_or_si256(_mm256_slli_epi32(magnitude, 20),
+                                   _mm256_slli_epi32(_mm256_and_si256(wide, sign), 24));
+    __m256 value = _mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(TWO_TO_120));
+    __m256i nan = _mm256_cmpeq_epi32(magnitude, low7); /* all ones: a NaN */
+    return _mm256_or_ps(value, _mm256_castsi256_ps(nan));
+}
+
+static float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Two accumulators per token: each waits on one multiply-add per 16 inputs, not per 8. */
+static void row_dots(const uint8_t *w, const float *x, int64_t K, int64_t mt, float *out) {
+    __m256 acc0[TILE], acc1[TILE];
+    for (int64_t m = 0; m < mt; m++) acc0[m] = acc1[m] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m256 w0 = e4m3x8(w + k), w1 = e4m3x8(w + k + 8);
+        for (int64_t m = 0; m < mt; m++) {
+            acc0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), acc0[m]);
+            acc1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * K + k + 8), acc1[m]);
+        }
+    }
+    for (; k < K; k += 8) {
+        __m256 w0 = e4m3x8(w + k);
+        for (int64_t m = 0; m < mt; m++)
+            acc0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), acc0[m]);
+    }
+    for (int64_t m = 0; m < mt; m++) out[m] = hsum(_mm256_add_ps(acc0[m], acc1[m]));
+}
+#else
+static float e4m3(uint8_t byte) {
+    if ((byte & 0x7F) == 0x7F) return __builtin_nanf("");
+    uint32_t bits = ((uint32_t)(byte & 0x7F) << 20) | ((uint32_t)(byte & 0x80) << 24);
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value * TWO_TO_120;
+}
+
+static void row_dots(const uint8_t *w, const float *x, int64_t K, int64_t mt, float *out) {
+    for (int64_t m = 0; m < mt; m++) {
+        float acc = 0.0f;
+        for (int64_t k = 0; k < K; k++) acc += e4m3(w[k]) * x[m * K + k];
+        out[m] = acc;
+    }
+}
+#endif
+
+/* y [M, N] fp32: y[m, n] = scale * sum_k x[m, k] w[n, k] for rows n in [r0, r1); x [M, K] fp32.
+ * K is a multiple of 8. */
+void quire_fp8_matmul_rows(const uint8_t *w, int64_t row_bytes, int64_t K, float scale,
+                           const float *x, int64_t M, float *y, int64_t N, int64_t r0, int64_t r1) {
+    float dots[TILE];
+    for (int64_t n = r0; n < r1; n++) {
+        for (int64_t m0 = 0; m0 < M; m0 += TILE) {
+            int64_t mt = M - m0 < TILE ? M - m0 : TILE;
+            row_dots(w + n * row_bytes, x + m0 * K, K, mt, dots);
+            for (int64_t m = 0; m < mt; m++) y[(m0 + m) * N + n] = dots[m] * scale;
+        }
+    }
+}

@@ -1,0 +1,110 @@
+"""FP8 experts on the CPU, read as shipped, through a small C kernel (fp8_cpu.c, built once per
+machine by engine.native_build). PyTorch's CPU path converts FP8 to a wider type before any
+matmul and reads the experts at ~0.3 GB/s; this reads the bytes once, decoding eight at a time
+with AVX2, so the exact FP8 format can serve CPU misses too: when RAM is short and the experts
+are served from the memory-mapped files, or when `--host-format fp8` keeps them exact.
+
+`matmul` serves a few tokens (a decode step's); many tokens (a prefill chunk's) still go through
+dequantisation and PyTorch's matmul, where the matmul's own work dominates. The library is
+self-tested against PyTorch when first loaded; if it disagrees, or no compiler exists,
+`available()` is False and callers keep the PyTorch path.
+Glossary: M tokens, N output rows, K inputs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+from pathlib import Path
+
+import torch
+
+from engine import native_build
+from engine.experts.cpu_rows import over_rows
+from engine.quant import FP8_DTYPE
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("fp8_cpu.c")
+KERNEL_VERSION = "cpu-kernel-1"  # in stored machine profiles: a new kernel is measured again
+# Tokens up to which `matmul` beats PyTorch's dequantisation and matmul (measured on 2 cores at
+# the real shapes: 1.5x at 64 tokens, about even at 128).
+MAX_MATMUL_TOKENS = 64
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+class Kernel:
+    """The loaded library, with its function's signature declared."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.simd = bool(lib.quire_fp8_simd())
+        self._matmul = lib.quire_fp8_matmul_rows
+        self._matmul.argtypes = [_PTR, _I64, _I64, ctypes.c_float, _PTR, _I64, _PTR, _I64, _I64, _I64]
+        self._matmul.restype = None
+
+    def matmul(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+        """x [M, K] (any float dtype) @ (weight x scale)^T -> [M, N] fp32; weight FP8 [N, K] on
+        the host with contiguous rows (K a multiple of 8), scale one multiplier."""
+        if weight.dtype != FP8_DTYPE or weight.dim() != 2 or weight.device.type != "cpu" \
+                or weight.stride(1) != 1 or weight.shape[1] % 8:
+            raise ValueError("the FP8 CPU kernel reads host FP8 [N, K] matrices with contiguous "
+                             "rows and K a multiple of 8")
+        if isinstance(scale, torch.Tensor) and scale.numel() != 1:
+            raise ValueError(f"the FP8 CPU kernel takes one multiplier per matrix, not {scale.numel()}")
+        n, k = weight.shape
+        m = x.shape[0]
+        xs = x.to(torch.float32).contiguous()
+        y = torch.empty(m, n, dtype=torch.float32)
+        raw = weight.view(torch.uint8)
+        over_rows(n, lambda r0, r1: self._matmul(raw.data_ptr(), raw.stride(0), k, float(scale),
+                                                 xs.data_ptr(), m, y.data_ptr(), n, r0, r1))
+        return y
+
+
+def load(portable: bool = False, cache_dir: Path | None = None) -> Kernel | None:
+    """The kernel built for this machine and checked against PyTorch, or None (logged)."""
+    lib = native_build.build(SOURCE, portable=portable, cache_dir=cache_dir)
+    if lib is None:
+        return None
+    kernel = Kernel(lib)
+    problem = self_test(kernel)
+    if problem:
+        log.warning("the FP8 CPU kernel disagrees with PyTorch (%s): PyTorch serves instead", problem)
+        return None
+    return kernel
+
+
+def every_byte_matrix(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """FP8 [n, k] of random bytes, NaNs (0x7F, 0xFF) excepted: every normal and subnormal value."""
+    raw = torch.randint(0, 254, (n, k), dtype=torch.uint8, generator=gen)
+    raw[raw >= 0x7F] += 1  # skip 0x7F; 0xFF is out of randint's range
+    return raw.view(FP8_DTYPE)
+
+
+def self_test(kernel: Kernel) -> str:
+    """"" when the kernel's products equal PyTorch's within fp32 summation-order error on every
+    byte value; else what differed."""
+    g = torch.Generator().manual_seed(0)
+    weight = every_byte_matrix(80, 104, g)
+    x = torch.randn(11, 104, generator=g)
+    expected = x.double() @ weight.to(torch.float64).T * 0.75
+    for y in (kernel.matmul(x, weight, 0.75), kernel.matmul(x[:3], weight, 0.75)):  # 2 tiles, 1
+        error = ((y.double() - expected[: len(y)]).abs().max() / expected.abs().max()).item()
+        if not error < 1e-5:
+            return f"products off by {error:.1e} of their largest"
+    nan_row = weight.clone()
+    nan_row.view(torch.uint8)[5, 7] = 0x7F
+    if not kernel.matmul(x[:1], nan_row, 1.0)[0, 5].isnan():
+        return "a NaN weight did not give a NaN"
+    return ""
+
+
+@functools.cache
+def kernel() -> Kernel | None:
+    """The machine's kernel, loaded once per process (None: PyTorch serves FP8 on the CPU)."""
+    return load()
+
+
+def available() -> bool:
+    return kernel() is not None

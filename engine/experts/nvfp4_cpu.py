@@ -1,0 +1,139 @@
+"""NVFP4 experts on the CPU through a small C kernel (nvfp4_cpu.c, built once per machine by
+engine.native_build): what lets the CPU share an NVFP4 model's misses with PCIe, and answer at
+all on a machine without a GPU. PyTorch has no CPU kernel for the format; composing its ops
+(engine.experts.nvfp4.dequantize, then a matmul) reads the experts at ~0.2 GB/s.
+
+Two entry points, both over an expert matrix's blob and per-row divisors:
+  - `matmul`: a few tokens (a decode step's) straight from the blob: AVX2 shuffles turn 16 codes
+    into their values at a time, so the weights are read once and never expanded in memory;
+  - `dequantize`: the matrix in bf16 or fp32, bit for bit engine.experts.nvfp4.dequantize, for
+    many tokens at once (a prefill chunk's), where PyTorch's own matmul then does the work.
+Rows are split over threads by engine.experts.cpu_rows.
+The library is self-tested against PyTorch when first loaded; if it disagrees, or no compiler
+exists, `available()` is False and callers keep the PyTorch path.
+Glossary: M tokens, N output rows, K inputs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+from pathlib import Path
+
+import torch
+
+from engine import native_build
+from engine.experts import nvfp4
+from engine.experts.cpu_rows import over_rows
+from engine.quant import FP8_DTYPE
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("nvfp4_cpu.c")
+KERNEL_VERSION = "cpu-kernel-1"  # in stored machine profiles: a new kernel is measured again
+# Tokens up to which `matmul` beats dequantising once and PyTorch's matmul (the kernel re-reads
+# the weights per 8 tokens; measured on 2 cores at the real shapes: about even at 64).
+MAX_MATMUL_TOKENS = 32
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+class Kernel:
+    """The loaded library, with its functions' signatures declared."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.simd = bool(lib.quire_nvfp4_simd())
+        self._matmul = lib.quire_nvfp4_matmul_rows
+        self._matmul.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64]
+        self._matmul.restype = None
+        self._dequantize = lib.quire_nvfp4_dequantize_rows
+        self._dequantize.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, ctypes.c_int, _I64, _I64]
+        self._dequantize.restype = None
+
+    def matmul(self, x: torch.Tensor, blob: torch.Tensor, divisors: torch.Tensor) -> torch.Tensor:
+        """x [M, K] (any float dtype) @ w^T -> [M, N] fp32, w the blob's matrix."""
+        n, k = nvfp4.matrix_shape(blob)
+        raw, div = _operands(blob, divisors, n)
+        m = x.shape[0]
+        # Each group of 16 inputs as its 8 even columns, then its 8 odd ones: the kernel's order.
+        xp = x.to(torch.float32).reshape(m, k // nvfp4.GROUP, 8, 2).transpose(2, 3).contiguous()
+        y = torch.empty(m, n, dtype=torch.float32)
+        over_rows(n, lambda r0, r1: self._matmul(
+            raw.data_ptr(), raw.stride(0), k, div.data_ptr(), _e4m3().data_ptr(), xp.data_ptr(), m,
+            y.data_ptr(), n, r0, r1))
+        return y
+
+    def dequantize(self, blob: torch.Tensor, divisors: torch.Tensor,
+                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """The blob's matrix [N, K] in bf16 or fp32, as engine.experts.nvfp4.dequantize."""
+        if dtype not in (torch.bfloat16, torch.float32):
+            return self.dequantize(blob, divisors, torch.float32).to(dtype)
+        n, k = nvfp4.matrix_shape(blob)
+        raw, div = _operands(blob, divisors, n)
+        out = torch.empty(n, k, dtype=dtype)
+        as_bf16 = int(dtype == torch.bfloat16)
+        over_rows(n, lambda r0, r1: self._dequantize(
+            raw.data_ptr(), raw.stride(0), k, div.data_ptr(), _e4m3().data_ptr(), out.data_ptr(),
+            as_bf16, r0, r1))
+        return out
+
+
+def _operands(blob: torch.Tensor, divisors: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the blob as host bytes with unit column stride, the divisors as N contiguous fp32)."""
+    raw = blob.view(torch.uint8)
+    if raw.device.type != "cpu" or raw.stride(1) != 1:
+        raise ValueError("the NVFP4 CPU kernel reads host blobs whose rows are contiguous")
+    div = divisors.to(torch.float32).reshape(-1).expand(n).contiguous()
+    return raw, div
+
+
+@functools.cache
+def _e4m3() -> torch.Tensor:
+    """The 256 E4M3 byte values as fp32, as PyTorch converts them."""
+    return torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).to(torch.float32)
+
+
+def load(portable: bool = False, cache_dir: Path | None = None) -> Kernel | None:
+    """The kernel built for this machine and checked against PyTorch, or None (logged)."""
+    lib = native_build.build(SOURCE, portable=portable, cache_dir=cache_dir)
+    if lib is None:
+        return None
+    kernel = Kernel(lib)
+    problem = self_test(kernel)
+    if problem:
+        log.warning("the NVFP4 CPU kernel disagrees with PyTorch (%s): PyTorch serves instead", problem)
+        return None
+    return kernel
+
+
+def self_test(kernel: Kernel) -> str:
+    """"" when the kernel equals PyTorch on a small random matrix (dequantisation bit for bit,
+    products within fp32 summation-order error); else what differed."""
+    g = torch.Generator().manual_seed(0)
+    weights = torch.randn(72, 96, generator=g)
+    packed, scales, global_scale = nvfp4.quantize(weights)
+    blob = torch.empty(72, nvfp4.blob_width(96), dtype=torch.uint8)
+    nvfp4.pack(packed, scales, blob)
+    divisors = global_scale.expand(72) * (1 + torch.rand(72, generator=g))
+    reference = nvfp4.dequantize(blob, divisors)
+    for dtype, bits in ((torch.float32, torch.int32), (torch.bfloat16, torch.int16)):
+        ours = kernel.dequantize(blob, divisors, dtype)
+        if not torch.equal(ours.view(bits), reference.to(dtype).view(bits)):  # -0.0 too
+            return f"dequantised {dtype} differs"
+    x = torch.randn(11, 96, generator=g)
+    expected = x.double() @ reference.double().T
+    for y in (kernel.matmul(x, blob, divisors), kernel.matmul(x[:3], blob, divisors)):  # 2 tiles, 1
+        error = ((y.double() - expected[: len(y)]).abs().max() / expected.abs().max()).item()
+        if not error < 1e-5:
+            return f"products off by {error:.1e} of their largest"
+    return ""
+
+
+@functools.cache
+def kernel() -> Kernel | None:
+    """The machine's kernel, loaded once per process (None: PyTorch serves NVFP4 on the CPU)."""
+    return load()
+
+
+def available() -> bool:
+    return kernel() is not None

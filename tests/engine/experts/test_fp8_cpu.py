@@ -1,0 +1,108 @@
+"""The FP8 CPU kernel (engine/experts/fp8_cpu.c, built by engine.native_build) against PyTorch's
+reading of E4M3: products within fp32 summation-order error over every byte value, NaN kept, in
+its vector (AVX2) and portable builds; its refusals; and the path cpu_expert_forward takes."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from engine import native_build
+from engine.experts import compute, fp8_cpu
+from engine.quant import FP8_DTYPE
+
+PRODUCT_RTOL = 1e-5  # of the largest product: fp32 sums in another order, over K <= 1,000 inputs
+
+
+@pytest.fixture(scope="module", params=["native", "portable"])
+def kernel(request, tmp_path_factory) -> fp8_cpu.Kernel:
+    if native_build.compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    built = fp8_cpu.load(portable=request.param == "portable", cache_dir=tmp_path_factory.mktemp("kernels"))
+    assert built is not None, "the kernel failed to build or its self-test"
+    return built
+
+
+def _relative_error(y: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((y.double() - expected).abs().max() / expected.abs().max()).item()
+
+
+# K: 104 (the vector loop's 8-input tail after 16-input steps), 256; N: one row, rows that do not
+# split evenly over threads, and enough rows (>= 64 per thread) that the work is split.
+@pytest.mark.parametrize("tokens", [1, 3, 8, 9, 17])
+@pytest.mark.parametrize(("n", "k"), [(1, 104), (37, 256), (300, 104)])
+def test_products_over_every_byte_equal_pytorch(kernel, tokens, n, k):
+    g = torch.Generator().manual_seed(n + k)
+    weight = fp8_cpu.every_byte_matrix(n, k, g)
+    x = torch.randn(tokens, k, generator=g).to(torch.bfloat16)
+    expected = x.double() @ weight.to(torch.float64).T * 0.375
+    y = kernel.matmul(x, weight, torch.tensor(0.375))
+    assert y.shape == (tokens, n) and y.dtype == torch.float32
+    assert _relative_error(y, expected) < PRODUCT_RTOL
+
+
+def test_subnormal_weights_keep_their_value(kernel):
+    """E4M3's subnormals (exponent bits 0) are 2^-9 x their mantissa: decoding by bits must not
+    flush them to zero."""
+    weight = torch.arange(1, 8, dtype=torch.uint8).repeat(1, 8)[:, :8].view(FP8_DTYPE)  # 0x01-0x07
+    x = torch.ones(1, 8)
+    assert kernel.matmul(x, weight, 1.0).item() == pytest.approx(weight.float().sum().item(), rel=1e-6)
+    assert weight.float().sum().item() > 0
+
+
+def test_a_nan_weight_gives_nan_and_rows_apart_in_memory_are_read_right(kernel):
+    g = torch.Generator().manual_seed(1)
+    wide = fp8_cpu.every_byte_matrix(20, 96, g)
+    weight = wide[:, :64]  # rows 96 bytes apart
+    x = torch.randn(2, 64, generator=g)
+    expected = x.double() @ weight.to(torch.float64).T
+    assert _relative_error(kernel.matmul(x, weight, 1.0), expected) < PRODUCT_RTOL
+    weight.view(torch.uint8)[3, 10] = 0xFF
+    y = kernel.matmul(x, weight, 1.0)
+    assert y[:, 3].isnan().all() and not y[:, :3].isnan().any()
+
+
+def test_what_it_cannot_read_is_refused(kernel):
+    weight = fp8_cpu.every_byte_matrix(8, 64, torch.Generator().manual_seed(2))
+    x = torch.randn(1, 64)
+    for bad, message in ((weight.to(torch.bfloat16), "host FP8"), (weight[:, :60], "multiple of 8"),
+                         (weight.t(), "contiguous"), (weight[None], "host FP8")):
+        with pytest.raises(ValueError, match=message):
+            kernel.matmul(x, bad, 1.0)
+    with pytest.raises(ValueError, match="one multiplier"):
+        kernel.matmul(x, weight, torch.ones(8))
+
+
+def test_a_kernel_that_disagrees_with_pytorch_is_not_used(kernel, monkeypatch, caplog, tmp_path):
+    assert fp8_cpu.self_test(kernel) == ""
+    real_matmul = kernel.matmul
+    monkeypatch.setattr(kernel, "matmul", lambda x, w, s: real_matmul(x, w, s).nan_to_num(0.0))
+    assert "NaN" in fp8_cpu.self_test(kernel)
+    monkeypatch.setattr(kernel, "matmul", lambda x, w, s: real_matmul(x, w, s) * 1.001)
+    assert "products off" in fp8_cpu.self_test(kernel)
+    monkeypatch.setattr(fp8_cpu, "Kernel", lambda lib: kernel)
+    with caplog.at_level(logging.WARNING):
+        assert fp8_cpu.load(cache_dir=tmp_path) is None
+    assert "disagrees with PyTorch" in caplog.text
+
+
+@pytest.mark.skipif(native_build.compiler() is None, reason="no C compiler on this machine")
+def test_an_expert_on_the_cpu_takes_the_kernel_for_a_few_tokens_only(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    gate_up, down = (torch.randn(2 * 48, 64, generator=g) * 0.2).to(FP8_DTYPE), \
+        (torch.randn(64, 48, generator=g) * 0.2).to(FP8_DTYPE)
+    gu_scale, d_scale = torch.tensor(0.5), torch.tensor(2.0)
+    assert fp8_cpu.available()  # built and self-tested before the spy counts calls
+    calls: list[int] = []
+    real_matmul = fp8_cpu.Kernel.matmul
+    monkeypatch.setattr(fp8_cpu.Kernel, "matmul",
+                        lambda self, x, *a: (calls.append(len(x)), real_matmul(self, x, *a))[1])
+    for tokens in (1, fp8_cpu.MAX_MATMUL_TOKENS, fp8_cpu.MAX_MATMUL_TOKENS + 1):
+        x = torch.randn(tokens, 64, generator=g)
+        y = compute.cpu_expert_forward(x, gate_up, gu_scale, down, d_scale, torch.float32)
+        expected = compute.expert_forward(x, *compute.dequant_expert(gate_up, gu_scale, down, d_scale,
+                                                                     torch.float32))
+        torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    assert calls == [1, 1, fp8_cpu.MAX_MATMUL_TOKENS, fp8_cpu.MAX_MATMUL_TOKENS]  # gate_up, down
