@@ -23,6 +23,14 @@
 
 int quire_fp8_simd(void) { return QUIRE_SIMD; }
 
+static float e4m3(uint8_t byte) {
+    if ((byte & 0x7F) == 0x7F) return __builtin_nanf("");
+    uint32_t bits = ((uint32_t)(byte & 0x7F) << 20) | ((uint32_t)(byte & 0x80) << 24);
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value * TWO_TO_120;
+}
+
 #if QUIRE_SIMD
 static inline __m256 e4m3x8(const uint8_t *bytes) {
     const __m256i low7 = _mm256_set1_epi32(0x7F), sign = _mm256_set1_epi32(0x80);
@@ -54,22 +62,17 @@ static void row_dots(const uint8_t *w, const float *x, int64_t K, int64_t mt, fl
             acc1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * K + k + 8), acc1[m]);
         }
     }
-    for (; k < K; k += 8) {
+    for (; k + 8 <= K; k += 8) {
         __m256 w0 = e4m3x8(w + k);
         for (int64_t m = 0; m < mt; m++)
             acc0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), acc0[m]);
     }
-    for (int64_t m = 0; m < mt; m++) out[m] = hsum(_mm256_add_ps(acc0[m], acc1[m]));
+    for (int64_t m = 0; m < mt; m++) {
+        out[m] = hsum(_mm256_add_ps(acc0[m], acc1[m]));
+        for (int64_t j = k; j < K; j++) out[m] += e4m3(w[j]) * x[m * K + j];  /* K % 8 inputs */
+    }
 }
 #else
-static float e4m3(uint8_t byte) {
-    if ((byte & 0x7F) == 0x7F) return __builtin_nanf("");
-    uint32_t bits = ((uint32_t)(byte & 0x7F) << 20) | ((uint32_t)(byte & 0x80) << 24);
-    float value;
-    memcpy(&value, &bits, sizeof value);
-    return value * TWO_TO_120;
-}
-
 static void row_dots(const uint8_t *w, const float *x, int64_t K, int64_t mt, float *out) {
     for (int64_t m = 0; m < mt; m++) {
         float acc = 0.0f;
@@ -79,8 +82,7 @@ static void row_dots(const uint8_t *w, const float *x, int64_t K, int64_t mt, fl
 }
 #endif
 
-/* y [M, N] fp32: y[m, n] = scale * sum_k x[m, k] w[n, k] for rows n in [r0, r1); x [M, K] fp32.
- * K is a multiple of 8. */
+/* y [M, N] fp32: y[m, n] = scale * sum_k x[m, k] w[n, k] for rows n in [r0, r1); x [M, K] fp32. */
 void quire_fp8_matmul_rows(const uint8_t *w, int64_t row_bytes, int64_t K, float scale,
                            const float *x, int64_t M, float *y, int64_t N, int64_t r0, int64_t r1) {
     float dots[TILE];
@@ -89,6 +91,52 @@ void quire_fp8_matmul_rows(const uint8_t *w, int64_t row_bytes, int64_t K, float
             int64_t mt = M - m0 < TILE ? M - m0 : TILE;
             row_dots(w + n * row_bytes, x + m0 * K, K, mt, dots);
             for (int64_t m = 0; m < mt; m++) y[(m0 + m) * N + n] = dots[m] * scale;
+        }
+    }
+}
+
+/* FP8 rows requantised to int8 with one scale per row, as engine.experts.store.requantize_int8
+ * computes them in PyTorch, bit for bit: peak = max |w| (at least 1e-30), code =
+ * round-half-even(w * ((1 / peak) * 127)). A row's peak is found on the bytes (E4M3 magnitudes order
+ * as their 7-bit patterns). `peaks` gets each row's peak; a row holding a NaN gets zero codes and
+ * a NaN peak. */
+void quire_fp8_requantize_int8_rows(const uint8_t *w, int64_t row_bytes, int64_t K, int8_t *out,
+                                    int64_t out_row, float *peaks, int64_t r0, int64_t r1) {
+    for (int64_t n = r0; n < r1; n++) {
+        const uint8_t *row = w + n * row_bytes;
+        int8_t *codes = out + n * out_row;
+        uint8_t top = 0;
+        for (int64_t k = 0; k < K; k++) {
+            uint8_t magnitude = row[k] & 0x7F;
+            top = magnitude > top ? magnitude : top;
+        }
+        if (top == 0x7F) {
+            memset(codes, 0, (size_t)K);
+            peaks[n] = __builtin_nanf("");
+            continue;
+        }
+        uint32_t top_bits = (uint32_t)top << 20;
+        float peak;
+        memcpy(&peak, &top_bits, sizeof peak);
+        peak *= TWO_TO_120;
+        if (peak < 1e-30f) peak = 1e-30f;
+        peaks[n] = peak;
+        float factor = (1.0f / peak) * 127.0f; /* PyTorch's 127.0 / peak: a reciprocal, then a product */
+        int64_t k = 0;
+#if QUIRE_SIMD
+        const __m256 factors = _mm256_set1_ps(factor);
+        for (; k + 8 <= K; k += 8) {
+            __m256 v = _mm256_mul_ps(e4m3x8(row + k), factors);
+            __m256i q = _mm256_cvtps_epi32(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+            _mm_storel_epi64((__m128i *)(codes + k), _mm_packs_epi16(q16, q16));
+        }
+#endif
+        for (; k < K; k++) {
+            uint32_t bits = ((uint32_t)(row[k] & 0x7F) << 20) | ((uint32_t)(row[k] & 0x80) << 24);
+            float value;
+            memcpy(&value, &bits, sizeof value);
+            codes[k] = (int8_t)__builtin_nearbyintf(value * TWO_TO_120 * factor);
         }
     }
 }

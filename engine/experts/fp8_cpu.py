@@ -5,7 +5,9 @@ with AVX2, so the exact FP8 format can serve CPU misses too: when RAM is short a
 are served from the memory-mapped files, or when `--host-format fp8` keeps them exact.
 
 `matmul` serves a few tokens (a decode step's); many tokens (a prefill chunk's) still go through
-dequantisation and PyTorch's matmul, where the matmul's own work dominates. The library is
+dequantisation and PyTorch's matmul, where the matmul's own work dominates. `requantize_int8`
+builds the int8 host copy at load (engine.experts.store.requantize_int8) bit for bit as PyTorch
+does, several times faster. The library is
 self-tested against PyTorch when first loaded; if it disagrees, or no compiler exists,
 `available()` is False and callers keep the PyTorch path.
 Glossary: M tokens, N output rows, K inputs.
@@ -42,14 +44,14 @@ class Kernel:
         self._matmul = lib.quire_fp8_matmul_rows
         self._matmul.argtypes = [_PTR, _I64, _I64, ctypes.c_float, _PTR, _I64, _PTR, _I64, _I64, _I64]
         self._matmul.restype = None
+        self._requantize = lib.quire_fp8_requantize_int8_rows
+        self._requantize.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64]
+        self._requantize.restype = None
 
     def matmul(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
         """x [M, K] (any float dtype) @ (weight x scale)^T -> [M, N] fp32; weight FP8 [N, K] on
-        the host with contiguous rows (K a multiple of 8), scale one multiplier."""
-        if weight.dtype != FP8_DTYPE or weight.dim() != 2 or weight.device.type != "cpu" \
-                or weight.stride(1) != 1 or weight.shape[1] % 8:
-            raise ValueError("the FP8 CPU kernel reads host FP8 [N, K] matrices with contiguous "
-                             "rows and K a multiple of 8")
+        the host with contiguous rows, scale one multiplier."""
+        _check_host_rows(weight, FP8_DTYPE)
         if isinstance(scale, torch.Tensor) and scale.numel() != 1:
             raise ValueError(f"the FP8 CPU kernel takes one multiplier per matrix, not {scale.numel()}")
         n, k = weight.shape
@@ -60,6 +62,27 @@ class Kernel:
         over_rows(n, lambda r0, r1: self._matmul(raw.data_ptr(), raw.stride(0), k, float(scale),
                                                  xs.data_ptr(), m, y.data_ptr(), n, r0, r1))
         return y
+
+
+    def requantize_int8(self, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """FP8 [R, C] -> int8 codes written into `out` [R, C], bit for bit
+        engine.experts.store.int8_codes; returns the rows' peaks [R] fp32."""
+        _check_host_rows(weight, FP8_DTYPE)
+        _check_host_rows(out, torch.int8)
+        if out.shape != weight.shape:
+            raise ValueError(f"int8 codes {tuple(out.shape)} for FP8 weights {tuple(weight.shape)}")
+        n, k = weight.shape
+        raw = weight.view(torch.uint8)
+        peaks = torch.empty(n, dtype=torch.float32)
+        over_rows(n, lambda r0, r1: self._requantize(raw.data_ptr(), raw.stride(0), k, out.data_ptr(),
+                                                     out.stride(0), peaks.data_ptr(), r0, r1))
+        return peaks
+
+
+def _check_host_rows(t: torch.Tensor, dtype: torch.dtype) -> None:
+    if t.dtype != dtype or t.dim() != 2 or t.device.type != "cpu" or t.stride(1) != 1:
+        what = "FP8" if dtype == FP8_DTYPE else "int8"
+        raise ValueError(f"the FP8 CPU kernel takes host {what} [N, K] matrices with contiguous rows")
 
 
 def load(portable: bool = False, cache_dir: Path | None = None) -> Kernel | None:
@@ -86,13 +109,19 @@ def self_test(kernel: Kernel) -> str:
     """"" when the kernel's products equal PyTorch's within fp32 summation-order error on every
     byte value; else what differed."""
     g = torch.Generator().manual_seed(0)
-    weight = every_byte_matrix(80, 104, g)
-    x = torch.randn(11, 104, generator=g)
+    weight = every_byte_matrix(80, 100, g)  # K: 16-input steps, 8 inputs, then 4 one by one
+    x = torch.randn(11, 100, generator=g)
     expected = x.double() @ weight.to(torch.float64).T * 0.75
     for y in (kernel.matmul(x, weight, 0.75), kernel.matmul(x[:3], weight, 0.75)):  # 2 tiles, 1
         error = ((y.double() - expected[: len(y)]).abs().max() / expected.abs().max()).item()
         if not error < 1e-5:
             return f"products off by {error:.1e} of their largest"
+    from engine.experts.store import int8_codes
+
+    codes, peaks = int8_codes(weight.to(torch.float32))
+    ours = torch.empty_like(codes)
+    if not (torch.equal(kernel.requantize_int8(weight, ours), peaks) and torch.equal(ours, codes)):
+        return "int8 requantisation differs"
     nan_row = weight.clone()
     nan_row.view(torch.uint8)[5, 7] = 0x7F
     if not kernel.matmul(x[:1], nan_row, 1.0)[0, 5].isnan():

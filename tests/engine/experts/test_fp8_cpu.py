@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine import native_build
-from engine.experts import compute, fp8_cpu
+from engine.experts import compute, fp8_cpu, store
 from engine.quant import FP8_DTYPE
 
 PRODUCT_RTOL = 1e-5  # of the largest product: fp32 sums in another order, over K <= 1,000 inputs
@@ -29,10 +29,11 @@ def _relative_error(y: torch.Tensor, expected: torch.Tensor) -> float:
     return ((y.double() - expected).abs().max() / expected.abs().max()).item()
 
 
-# K: 104 (the vector loop's 8-input tail after 16-input steps), 256; N: one row, rows that do not
-# split evenly over threads, and enough rows (>= 64 per thread) that the work is split.
+# K: 104 (the vector loop's 8-input tail after 16-input steps), 36 (and a 4-input scalar tail),
+# 256; N: one row, rows that do not split evenly over threads, and enough rows (>= 64 per
+# thread) that the work is split.
 @pytest.mark.parametrize("tokens", [1, 3, 8, 9, 17])
-@pytest.mark.parametrize(("n", "k"), [(1, 104), (37, 256), (300, 104)])
+@pytest.mark.parametrize(("n", "k"), [(1, 104), (37, 256), (300, 104), (40, 36)])
 def test_products_over_every_byte_equal_pytorch(kernel, tokens, n, k):
     g = torch.Generator().manual_seed(n + k)
     weight = fp8_cpu.every_byte_matrix(n, k, g)
@@ -67,8 +68,8 @@ def test_a_nan_weight_gives_nan_and_rows_apart_in_memory_are_read_right(kernel):
 def test_what_it_cannot_read_is_refused(kernel):
     weight = fp8_cpu.every_byte_matrix(8, 64, torch.Generator().manual_seed(2))
     x = torch.randn(1, 64)
-    for bad, message in ((weight.to(torch.bfloat16), "host FP8"), (weight[:, :60], "multiple of 8"),
-                         (weight.t(), "contiguous"), (weight[None], "host FP8")):
+    for bad, message in ((weight.to(torch.bfloat16), "host FP8"), (weight.t(), "contiguous"),
+                         (weight[None], "host FP8")):
         with pytest.raises(ValueError, match=message):
             kernel.matmul(x, bad, 1.0)
     with pytest.raises(ValueError, match="one multiplier"):
@@ -106,3 +107,34 @@ def test_an_expert_on_the_cpu_takes_the_kernel_for_a_few_tokens_only(monkeypatch
                                                                      torch.float32))
         torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
     assert calls == [1, 1, fp8_cpu.MAX_MATMUL_TOKENS, fp8_cpu.MAX_MATMUL_TOKENS]  # gate_up, down
+
+
+@pytest.mark.parametrize("source", ["every-byte", "normal-weights"])
+def test_int8_requantisation_equals_pytorch_bit_for_bit(kernel, source):
+    """Codes and row peaks as engine.experts.store.int8_codes computes them, ties to even
+    included (common with real weights: a value times 127 over its row's peak lands on .5), for
+    an all-zero row, and rows apart in memory."""
+    g = torch.Generator().manual_seed(4)
+    if source == "every-byte":
+        weight = fp8_cpu.every_byte_matrix(150, 200, g)
+    else:
+        weight = (torch.randn(150, 200, generator=g) * 0.05).to(FP8_DTYPE)
+    weight[7] = 0
+    weight = torch.cat([weight, weight], dim=1)[:, :190]  # rows 400 bytes apart; a 6-input tail
+    codes, peaks = store.int8_codes(weight.to(torch.float32))
+    ours = torch.full_like(codes, 99)
+    assert torch.equal(kernel.requantize_int8(weight, ours), peaks)
+    assert torch.equal(ours, codes)
+    with pytest.raises(ValueError, match="int8 codes"):
+        kernel.requantize_int8(weight, ours[:, :64].contiguous())
+
+
+@pytest.mark.skipif(native_build.compiler() is None, reason="no C compiler on this machine")
+def test_the_int8_host_copy_is_the_same_with_or_without_the_kernel(monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    weights = (torch.randn(3, 64, 96, generator=g) * 0.1).to(FP8_DTYPE)
+    scales = torch.rand(3, generator=g)
+    with_kernel = store.requantize_int8(weights, scales)
+    monkeypatch.setattr(fp8_cpu, "kernel", lambda: None)
+    without = store.requantize_int8(weights, scales)
+    assert all(torch.equal(a, b) for a, b in zip(with_kernel, without, strict=True))
