@@ -4,6 +4,7 @@ that fails any test leaving an engine thread running."""
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# The C expert kernels build into the test run's own folder, never the user's cache.
+os.environ.setdefault("QUIRE_KERNEL_CACHE", tempfile.mkdtemp(prefix="quire-kernels-"))
 
 
 @pytest.fixture(scope="session")

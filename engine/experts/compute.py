@@ -78,6 +78,13 @@ def cpu_expert_forward(x: torch.Tensor, gate_up: torch.Tensor, gate_up_scale: to
     return matmul(h.contiguous(), down, down_scale)
 
 
+def cpu_kernel_for(host_format: str):
+    """Quire's C kernel for a host format's CPU experts (built and self-tested on the first
+    call), or None: the format has PyTorch's own (int8, int4), or the kernel could not be built."""
+    module = {"fp8": fp8_cpu, "nvfp4": nvfp4_cpu}.get(host_format)
+    return module.kernel() if module is not None else None
+
+
 def _cpu_matmul(weight_dtype: torch.dtype, num_tokens: int, dtype: torch.dtype):
     """matmul(x, weight, scale) -> x @ w^T in `dtype` straight from the format, or None."""
     if weight_dtype == torch.int8:

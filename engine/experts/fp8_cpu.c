@@ -5,8 +5,9 @@
  *
  * E4M3 to fp32 by bits: the 7 exponent-and-mantissa bits placed at fp32 bits 20-26 make a float
  * 2^-120 times the value (subnormals included), so one multiply by 2^120 restores it exactly;
- * the sign bit moves to bit 31; 0x7F and 0xFF are NaN. No -ffast-math: the dequantisation must
- * equal PyTorch's fp32 arithmetic.
+ * the sign bit moves to bit 31; 0x7F and 0xFF are NaN. No -ffast-math: the requantisation must
+ * equal PyTorch's fp32 arithmetic. The subnormal decode needs denormals on (a thread with
+ * denormals-are-zero set would read E4M3 subnormals as 0); Quire never turns them off.
  */
 #include <stdint.h>
 #include <string.h>

@@ -17,19 +17,16 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 from pathlib import Path
 
 import torch
 
 from engine import native_build
 from engine.experts.cpu_rows import over_rows
+from engine.experts.nvfp4_cpu import check_inputs
 from engine.quant import FP8_DTYPE
 
-log = logging.getLogger(__name__)
-
 SOURCE = Path(__file__).with_name("fp8_cpu.c")
-KERNEL_VERSION = "cpu-kernel-1"  # in stored machine profiles: a new kernel is measured again
 # Tokens up to which `matmul` beats PyTorch's dequantisation and matmul (measured on 2 cores at
 # the real shapes: 1.5x at 64 tokens, about even at 128).
 MAX_MATMUL_TOKENS = 64
@@ -38,6 +35,8 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 class Kernel:
     """The loaded library, with its function's signature declared."""
+
+    VERSION = "cpu-kernel-1"  # in stored machine profiles' keys: a new kernel is measured again
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.simd = bool(lib.quire_fp8_simd())
@@ -55,6 +54,7 @@ class Kernel:
         if isinstance(scale, torch.Tensor) and scale.numel() != 1:
             raise ValueError(f"the FP8 CPU kernel takes one multiplier per matrix, not {scale.numel()}")
         n, k = weight.shape
+        check_inputs(x, k)
         m = x.shape[0]
         xs = x.to(torch.float32).contiguous()
         y = torch.empty(m, n, dtype=torch.float32)
@@ -87,15 +87,7 @@ def _check_host_rows(t: torch.Tensor, dtype: torch.dtype) -> None:
 
 def load(portable: bool = False, cache_dir: Path | None = None) -> Kernel | None:
     """The kernel built for this machine and checked against PyTorch, or None (logged)."""
-    lib = native_build.build(SOURCE, portable=portable, cache_dir=cache_dir)
-    if lib is None:
-        return None
-    kernel = Kernel(lib)
-    problem = self_test(kernel)
-    if problem:
-        log.warning("the FP8 CPU kernel disagrees with PyTorch (%s): PyTorch serves instead", problem)
-        return None
-    return kernel
+    return native_build.load_checked(SOURCE, Kernel, self_test, portable, cache_dir)
 
 
 def every_byte_matrix(n: int, k: int, gen: torch.Generator) -> torch.Tensor:

@@ -118,11 +118,12 @@ void quire_nvfp4_matmul_rows(const uint8_t *blob, int64_t row_bytes, int64_t K,
 }
 
 #if !QUIRE_SIMD
-/* Round to nearest even, as PyTorch converts fp32 to bf16 (NaN stays a quiet NaN). */
+/* Round to nearest even, as PyTorch converts fp32 to bf16 (NaN becomes 0xFFFF, as its
+   vectorised conversion makes it). */
 static uint16_t to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0xffffu;
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
 }
@@ -138,11 +139,15 @@ static void store_group(__m256 even, __m256 odd, void *out, int64_t at, int bf16
         _mm256_storeu_ps((float *)out + at + 8, second);
         return;
     }
-    /* Round to nearest even, as to_bf16 (values here are never a signalling NaN). */
+    /* Round to nearest even; NaN becomes 0xFFFF, as PyTorch's vectorised conversion makes it
+       (rounding a NaN's bits could carry it into another value). */
     const __m256i one = _mm256_set1_epi32(1), half = _mm256_set1_epi32(0x7fff);
+    const __m256i nan16 = _mm256_set1_epi32(0xffff);
     __m256i a = _mm256_castps_si256(first), b = _mm256_castps_si256(second);
     a = _mm256_srli_epi32(_mm256_add_epi32(a, _mm256_add_epi32(half, _mm256_and_si256(_mm256_srli_epi32(a, 16), one))), 16);
     b = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(half, _mm256_and_si256(_mm256_srli_epi32(b, 16), one))), 16);
+    a = _mm256_blendv_epi8(a, nan16, _mm256_castps_si256(_mm256_cmp_ps(first, first, _CMP_UNORD_Q)));
+    b = _mm256_blendv_epi8(b, nan16, _mm256_castps_si256(_mm256_cmp_ps(second, second, _CMP_UNORD_Q)));
     __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8);
     _mm256_storeu_si256((__m256i *)((uint16_t *)out + at), packed);
 }
@@ -150,7 +155,7 @@ static void store_group(__m256 even, __m256 odd, void *out, int64_t at, int bf16
 
 /* out [N, K] rows [r0, r1): e2m1 x (e4m3 / divisor) formed in fp32 exactly as
  * engine.experts.nvfp4.dequantize forms it, then kept in fp32 (bf16 == 0) or rounded once to
- * bf16 (bf16 != 0), so the result equals PyTorch's bit for bit. */
+ * bf16 (bf16 != 0), so the result equals PyTorch's bit for bit (NaN payloads and signs aside). */
 void quire_nvfp4_dequantize_rows(const uint8_t *blob, int64_t row_bytes, int64_t K,
                                  const float *divisors, const float *e4m3, void *out, int bf16,
                                  int64_t r0, int64_t r1) {

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 from pathlib import Path
 
 import torch
@@ -28,10 +27,7 @@ from engine.experts import nvfp4
 from engine.experts.cpu_rows import over_rows
 from engine.quant import FP8_DTYPE
 
-log = logging.getLogger(__name__)
-
 SOURCE = Path(__file__).with_name("nvfp4_cpu.c")
-KERNEL_VERSION = "cpu-kernel-1"  # in stored machine profiles: a new kernel is measured again
 # Tokens up to which `matmul` beats dequantising once and PyTorch's matmul (the kernel re-reads
 # the weights per 8 tokens; measured on 2 cores at the real shapes: about even at 64).
 MAX_MATMUL_TOKENS = 32
@@ -40,6 +36,8 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 class Kernel:
     """The loaded library, with its functions' signatures declared."""
+
+    VERSION = "cpu-kernel-1"  # in stored machine profiles' keys: a new kernel is measured again
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.simd = bool(lib.quire_nvfp4_simd())
@@ -54,12 +52,14 @@ class Kernel:
         """x [M, K] (any float dtype) @ w^T -> [M, N] fp32, w the blob's matrix."""
         n, k = nvfp4.matrix_shape(blob)
         raw, div = _operands(blob, divisors, n)
+        check_inputs(x, k)
         m = x.shape[0]
         # Each group of 16 inputs as its 8 even columns, then its 8 odd ones: the kernel's order.
         xp = x.to(torch.float32).reshape(m, k // nvfp4.GROUP, 8, 2).transpose(2, 3).contiguous()
         y = torch.empty(m, n, dtype=torch.float32)
+        table = _e4m3()
         over_rows(n, lambda r0, r1: self._matmul(
-            raw.data_ptr(), raw.stride(0), k, div.data_ptr(), _e4m3().data_ptr(), xp.data_ptr(), m,
+            raw.data_ptr(), raw.stride(0), k, div.data_ptr(), table.data_ptr(), xp.data_ptr(), m,
             y.data_ptr(), n, r0, r1))
         return y
 
@@ -72,8 +72,9 @@ class Kernel:
         raw, div = _operands(blob, divisors, n)
         out = torch.empty(n, k, dtype=dtype)
         as_bf16 = int(dtype == torch.bfloat16)
+        table = _e4m3()
         over_rows(n, lambda r0, r1: self._dequantize(
-            raw.data_ptr(), raw.stride(0), k, div.data_ptr(), _e4m3().data_ptr(), out.data_ptr(),
+            raw.data_ptr(), raw.stride(0), k, div.data_ptr(), table.data_ptr(), out.data_ptr(),
             as_bf16, r0, r1))
         return out
 
@@ -83,8 +84,15 @@ def _operands(blob: torch.Tensor, divisors: torch.Tensor, n: int) -> tuple[torch
     raw = blob.view(torch.uint8)
     if raw.device.type != "cpu" or raw.stride(1) != 1:
         raise ValueError("the NVFP4 CPU kernel reads host blobs whose rows are contiguous")
-    div = divisors.to(torch.float32).reshape(-1).expand(n).contiguous()
+    div = divisors.to("cpu", torch.float32).reshape(-1).expand(n).contiguous()
     return raw, div
+
+
+def check_inputs(x: torch.Tensor, k: int) -> None:
+    """x must be host tokens [M, K] of the matrix's K: the kernels read M x K floats from it."""
+    if x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
+        raise ValueError(f"the CPU expert kernels take host inputs [M, {k}], not "
+                         f"{list(x.shape)} on {x.device}")
 
 
 @functools.cache
@@ -95,15 +103,7 @@ def _e4m3() -> torch.Tensor:
 
 def load(portable: bool = False, cache_dir: Path | None = None) -> Kernel | None:
     """The kernel built for this machine and checked against PyTorch, or None (logged)."""
-    lib = native_build.build(SOURCE, portable=portable, cache_dir=cache_dir)
-    if lib is None:
-        return None
-    kernel = Kernel(lib)
-    problem = self_test(kernel)
-    if problem:
-        log.warning("the NVFP4 CPU kernel disagrees with PyTorch (%s): PyTorch serves instead", problem)
-        return None
-    return kernel
+    return native_build.load_checked(SOURCE, Kernel, self_test, portable, cache_dir)
 
 
 def self_test(kernel: Kernel) -> str:

@@ -19,7 +19,7 @@ import torch
 from engine.checkpoint import Checkpoint
 from engine.experts.ceiling import split_misses, split_streamed
 from engine.experts.combine_kernel import combine, combine_usable
-from engine.experts.compute import cpu_expert_forward, dequant_expert
+from engine.experts.compute import cpu_expert_forward, cpu_kernel_for, dequant_expert
 from engine.experts.policy import CachePolicy, LRFUPolicy, LRUPolicy, ShiftLRFUPolicy
 from engine.experts.prefetch import SlotPrefetcher
 from engine.experts.profile import MachineProfile
@@ -65,6 +65,8 @@ class OffloadedExperts(ExpertBackend):
         self.layers = [LayerSlots(self.store.layers[i], dev, sizes[i], firsts[i])
                        for i, dev in enumerate(layer_devices)]
         self.cpu_misses = cpu_misses
+        if cpu_misses:  # build (once per machine) and self-test now, not in the first answer
+            cpu_kernel_for(self.store.fmt)
         self._cpu_pool = ThreadPoolExecutor(1, thread_name_prefix="quire-cpu-experts")
         self.routing_log: list[torch.Tensor] | None = None
         # Set on GPU loads (engine.experts.profile), one per GPU: each card has its own PCIe

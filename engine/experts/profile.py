@@ -34,10 +34,10 @@ def profile_key(device: torch.device, host_format: str, hidden: int, width: int)
     from engine.bench.machine import cpu_name
 
     if host_format in ("fp8", "nvfp4"):  # the rate depends on whether Quire's CPU kernel built
-        from engine.experts import fp8_cpu, nvfp4_cpu
+        from engine.experts.compute import cpu_kernel_for
 
-        module = fp8_cpu if host_format == "fp8" else nvfp4_cpu
-        host_format += f"+{module.KERNEL_VERSION}" if module.available() else "+pytorch"
+        kernel = cpu_kernel_for(host_format)
+        host_format += f"+{kernel.VERSION}" if kernel is not None else "+pytorch"
     return f"{gpu}|{cpu_name()}|{torch.get_num_threads()} threads|{host_format}|{hidden}x{width}"
 
 

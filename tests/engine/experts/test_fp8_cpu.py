@@ -12,6 +12,7 @@ import torch
 from engine import native_build
 from engine.experts import compute, fp8_cpu, store
 from engine.quant import FP8_DTYPE
+from tests.helpers.cpu_features import has_avx2_and_fma
 
 PRODUCT_RTOL = 1e-5  # of the largest product: fp32 sums in another order, over K <= 1,000 inputs
 
@@ -22,7 +23,17 @@ def kernel(request, tmp_path_factory) -> fp8_cpu.Kernel:
         pytest.skip("no C compiler on this machine")
     built = fp8_cpu.load(portable=request.param == "portable", cache_dir=tmp_path_factory.mktemp("kernels"))
     assert built is not None, "the kernel failed to build or its self-test"
+    assert built.simd == (request.param == "native" and has_avx2_and_fma())
     return built
+
+
+@pytest.fixture(autouse=True)
+def three_threads():
+    """Rows split over three threads (spans of uneven length), whatever the machine's count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(before)
 
 
 def _relative_error(y: torch.Tensor, expected: torch.Tensor) -> float:
@@ -138,3 +149,20 @@ def test_the_int8_host_copy_is_the_same_with_or_without_the_kernel(monkeypatch):
     monkeypatch.setattr(fp8_cpu, "kernel", lambda: None)
     without = store.requantize_int8(weights, scales)
     assert all(torch.equal(a, b) for a, b in zip(with_kernel, without, strict=True))
+
+
+def test_a_row_holding_a_nan_gets_zero_codes_and_a_nan_peak(kernel):
+    weight = fp8_cpu.every_byte_matrix(4, 40, torch.Generator().manual_seed(6))
+    weight.view(torch.uint8)[2, 17] = 0x7F
+    codes = torch.full((4, 40), 5, dtype=torch.int8)
+    peaks = kernel.requantize_int8(weight, codes)
+    assert peaks[2].isnan() and not codes[2].any()
+    expected, expected_peaks = store.int8_codes(weight.to(torch.float32))
+    assert torch.equal(codes[[0, 1, 3]], expected[[0, 1, 3]]) and torch.equal(peaks[[0, 1, 3]], expected_peaks[[0, 1, 3]])
+
+
+def test_inputs_of_the_wrong_width_or_place_are_refused(kernel):
+    weight = fp8_cpu.every_byte_matrix(8, 64, torch.Generator().manual_seed(7))
+    for bad in (torch.randn(1, 8), torch.randn(64), torch.randn(1, 64, device="meta")):
+        with pytest.raises(ValueError, match=r"host inputs \[M, 64\]"):
+            kernel.matmul(bad, weight, 1.0)

@@ -13,6 +13,7 @@ import torch
 
 from engine import native_build
 from engine.experts import compute, dequant_kernel, nvfp4, nvfp4_cpu
+from tests.helpers.cpu_features import has_avx2_and_fma
 
 needs_compiler = pytest.mark.skipif(native_build.compiler() is None, reason="no C compiler on this machine")
 same_bits = dequant_kernel.same_bits  # NaN matches NaN; -0.0 does not match 0.0
@@ -35,7 +36,17 @@ def kernel(request, tmp_path_factory) -> nvfp4_cpu.Kernel:
         pytest.skip("no C compiler on this machine")
     built = nvfp4_cpu.load(portable=request.param == "portable", cache_dir=tmp_path_factory.mktemp("kernels"))
     assert built is not None, "the kernel failed to build or its self-test"
+    assert built.simd == (request.param == "native" and has_avx2_and_fma())
     return built
+
+
+@pytest.fixture(autouse=True)
+def three_threads():
+    """Rows split over three threads (spans of uneven length), whatever the machine's count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(before)
 
 
 # K: 3 groups (the vector loop's odd tail), 64; N: one row, rows that do not split evenly over
@@ -179,3 +190,36 @@ def test_the_kernels_can_be_switched_off(monkeypatch, tmp_path):
     monkeypatch.setenv(native_build.DISABLE_ENV, "off")
     assert native_build.build(nvfp4_cpu.SOURCE, cache_dir=tmp_path) is None
     assert nvfp4_cpu.load(cache_dir=tmp_path) is None and not any(tmp_path.iterdir())
+
+
+def test_inputs_of_the_wrong_width_or_place_are_refused(kernel):
+    """The kernels read M x K floats from x: anything else would read past its end."""
+    blob, divisors = _blob(8, 64)
+    for bad in (torch.randn(1, 32), torch.randn(64), torch.randn(1, 64, device="meta")):
+        with pytest.raises(ValueError, match=r"host inputs \[M, 64\]"):
+            kernel.matmul(bad, blob, divisors)
+
+
+@needs_compiler
+def test_a_compiler_that_refuses_native_flags_gets_the_portable_build(tmp_path, monkeypatch, caplog):
+    real = native_build.compiler()
+    wrapper = tmp_path / "cc"
+    wrapper.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -march=native ] && exit 1; done\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    with caplog.at_level(logging.WARNING):
+        built = nvfp4_cpu.load(cache_dir=tmp_path / "cache")
+    assert built is not None and not built.simd
+    assert "-march=native" in caplog.text
+
+
+@needs_compiler
+def test_a_damaged_cached_library_is_replaced(tmp_path):
+    cache = tmp_path / "cache"
+    library = native_build.library_path(nvfp4_cpu.SOURCE, native_build.NATIVE_FLAGS,
+                                        native_build.compiler(), cache)
+    cache.mkdir()
+    library.write_bytes(b"not a library")  # e.g. a disk that filled up while it was written
+    assert native_build.build(nvfp4_cpu.SOURCE, cache_dir=cache) is not None  # the portable one
+    assert not library.exists()  # removed: the next start builds it again
+    assert native_build.build(nvfp4_cpu.SOURCE, cache_dir=cache) is not None and library.exists()
