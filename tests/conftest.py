@@ -83,3 +83,14 @@ def dequantised_cpu_misses(monkeypatch):
 
     for module in (fp8_cpu, nvfp4_cpu):
         monkeypatch.setattr(module, "MAX_MATMUL_TOKENS", 0)
+
+
+@pytest.fixture
+def three_cpu_threads():
+    """torch.get_num_threads() == 3 for the test: the C kernels split rows over that many."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(before)

@@ -14,6 +14,9 @@ from engine.experts import compute, fp8_cpu, store
 from engine.quant import FP8_DTYPE
 from tests.helpers.cpu_features import has_avx2_and_fma
 
+# Rows split over three threads (spans of uneven length), whatever the machine's count.
+pytestmark = pytest.mark.usefixtures("three_cpu_threads")
+
 PRODUCT_RTOL = 1e-5  # of the largest product: fp32 sums in another order, over K <= 1,000 inputs
 
 
@@ -25,15 +28,6 @@ def kernel(request, tmp_path_factory) -> fp8_cpu.Kernel:
     assert built is not None, "the kernel failed to build or its self-test"
     assert built.simd == (request.param == "native" and has_avx2_and_fma())
     return built
-
-
-@pytest.fixture(autouse=True)
-def three_threads():
-    """Rows split over three threads (spans of uneven length), whatever the machine's count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(3)
-    yield
-    torch.set_num_threads(before)
 
 
 def _relative_error(y: torch.Tensor, expected: torch.Tensor) -> float:

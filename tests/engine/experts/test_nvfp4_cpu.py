@@ -15,6 +15,9 @@ from engine import native_build
 from engine.experts import compute, dequant_kernel, nvfp4, nvfp4_cpu
 from tests.helpers.cpu_features import has_avx2_and_fma
 
+# Rows split over three threads (spans of uneven length), whatever the machine's count.
+pytestmark = pytest.mark.usefixtures("three_cpu_threads")
+
 needs_compiler = pytest.mark.skipif(native_build.compiler() is None, reason="no C compiler on this machine")
 same_bits = dequant_kernel.same_bits  # NaN matches NaN; -0.0 does not match 0.0
 PRODUCT_RTOL = 1e-5  # of the largest product: fp32 sums in another order, over K <= 1,000 inputs
@@ -38,15 +41,6 @@ def kernel(request, tmp_path_factory) -> nvfp4_cpu.Kernel:
     assert built is not None, "the kernel failed to build or its self-test"
     assert built.simd == (request.param == "native" and has_avx2_and_fma())
     return built
-
-
-@pytest.fixture(autouse=True)
-def three_threads():
-    """Rows split over three threads (spans of uneven length), whatever the machine's count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(3)
-    yield
-    torch.set_num_threads(before)
 
 
 # K: 3 groups (the vector loop's odd tail), 64; N: one row, rows that do not split evenly over
