@@ -367,7 +367,8 @@ def test_bf16_shared_experts_are_accepted(nvfp4_folder, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
-def test_cached_experts_through_the_interpreted_nvfp4_kernels(nvfp4_folder, monkeypatch):
+def test_cached_experts_through_the_interpreted_nvfp4_kernels(nvfp4_folder, monkeypatch,
+                                                            dequantised_cpu_misses):
     """The slots' real calls into the NVFP4 kernels (run by Triton's interpreter on the CPU):
     the decode tokens' logits close to the resident engine's on the same weights. Mean within
     bf16 parity (0.03, as tests/engine/test_cuda.py); the max is looser (1.0, measured 0.78)
