@@ -141,3 +141,45 @@ void quire_fp8_requantize_int8_rows(const uint8_t *w, int64_t row_bytes, int64_t
         }
     }
 }
+
+/* Round to nearest even, NaN to 0xFFFF: PyTorch's vectorised fp32 -> bf16 conversion. */
+static uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0xffffu;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* out [N, K] rows [r0, r1): e4m3(w) * scale in fp32, kept (bf16 == 0) or rounded once to bf16
+ * (bf16 != 0): bit for bit PyTorch's (w.to(float32) * scale).to(dtype), NaN payloads aside. */
+void quire_fp8_dequantize_rows(const uint8_t *w, int64_t row_bytes, int64_t K, float scale,
+                               void *out, int bf16, int64_t r0, int64_t r1) {
+    for (int64_t n = r0; n < r1; n++) {
+        const uint8_t *row = w + n * row_bytes;
+        float *out32 = (float *)out + n * K;
+        uint16_t *out16 = (uint16_t *)out + n * K;
+        int64_t k = 0;
+#if QUIRE_SIMD
+        const __m256 scales = _mm256_set1_ps(scale);
+        const __m256i one = _mm256_set1_epi32(1), half = _mm256_set1_epi32(0x7fff);
+        const __m256i nan16 = _mm256_set1_epi32(0xffff);
+        for (; k + 8 <= K; k += 8) {
+            __m256 v = _mm256_mul_ps(e4m3x8(row + k), scales);
+            if (!bf16) {
+                _mm256_storeu_ps(out32 + k, v);
+                continue;
+            }
+            __m256i u = _mm256_castps_si256(v);
+            u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(half, _mm256_and_si256(_mm256_srli_epi32(u, 16), one))), 16);
+            u = _mm256_blendv_epi8(u, nan16, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+            _mm_storeu_si128((__m128i *)(out16 + k),
+                             _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1)));
+        }
+#endif
+        for (; k < K; k++) {
+            float v = e4m3(row[k]) * scale;
+            if (bf16) out16[k] = to_bf16(v); else out32[k] = v;
+        }
+    }
+}

@@ -4,8 +4,9 @@ matmul and reads the experts at ~0.3 GB/s; this reads the bytes once, decoding e
 with AVX2, so the exact FP8 format can serve CPU misses too: when RAM is short and the experts
 are served from the memory-mapped files, or when `--host-format fp8` keeps them exact.
 
-`matmul` serves a few tokens (a decode step's); many tokens (a prefill chunk's) still go through
-dequantisation and PyTorch's matmul, where the matmul's own work dominates. `requantize_int8`
+`matmul` serves a few tokens (a decode step's); for many tokens (a prefill chunk's) `dequantize`
+gives the matrix in bf16 for PyTorch's matmul, bit for bit as PyTorch's own conversion but ~10x
+faster. `requantize_int8`
 builds the int8 host copy at load (engine.experts.store.requantize_int8) bit for bit as PyTorch
 does, several times faster. The library is
 self-tested against PyTorch when first loaded; if it disagrees, or no compiler exists,
@@ -27,9 +28,9 @@ from engine.experts.nvfp4_cpu import check_inputs
 from engine.quant import FP8_DTYPE
 
 SOURCE = Path(__file__).with_name("fp8_cpu.c")
-# Tokens up to which `matmul` beats PyTorch's dequantisation and matmul (measured per expert on
-# 2 cores at the real shapes: 26 against 95 ms at 16 tokens, 70 against 105 ms at 64).
-MAX_MATMUL_TOKENS = 64
+# Tokens up to which `matmul` beats `dequantize` and PyTorch's matmul (measured per expert on 2
+# cores at the real shapes: 8 against 26 ms at 8 tokens, 33 against 23 ms at 16).
+MAX_MATMUL_TOKENS = 12
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -43,6 +44,9 @@ class Kernel:
         self._matmul = lib.quire_fp8_matmul_rows
         self._matmul.argtypes = [_PTR, _I64, _I64, ctypes.c_float, _PTR, _I64, _PTR, _I64, _I64, _I64]
         self._matmul.restype = None
+        self._dequantize = lib.quire_fp8_dequantize_rows
+        self._dequantize.argtypes = [_PTR, _I64, _I64, ctypes.c_float, _PTR, ctypes.c_int, _I64, _I64]
+        self._dequantize.restype = None
         self._requantize = lib.quire_fp8_requantize_int8_rows
         self._requantize.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64]
         self._requantize.restype = None
@@ -63,6 +67,21 @@ class Kernel:
                                                  xs.data_ptr(), m, y.data_ptr(), n, r0, r1))
         return y
 
+
+    def dequantize(self, weight: torch.Tensor, scale: torch.Tensor | float,
+                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """weight x scale [N, K] in bf16 or fp32, bit for bit PyTorch's
+        (weight.to(float32) * scale).to(dtype) (engine.experts.compute.eager_dequantize)."""
+        if dtype not in (torch.bfloat16, torch.float32):
+            return self.dequantize(weight, scale, torch.float32).to(dtype)
+        _check_host_rows(weight, FP8_DTYPE)
+        n, k = weight.shape
+        raw = weight.view(torch.uint8)
+        out = torch.empty(n, k, dtype=dtype)
+        as_bf16 = int(dtype == torch.bfloat16)
+        over_rows(n, lambda r0, r1: self._dequantize(raw.data_ptr(), raw.stride(0), k, float(scale),
+                                                     out.data_ptr(), as_bf16, r0, r1))
+        return out
 
     def requantize_int8(self, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """FP8 [R, C] -> int8 codes written into `out` [R, C], bit for bit
@@ -108,6 +127,11 @@ def self_test(kernel: Kernel) -> str:
         error = ((y.double() - expected[: len(y)]).abs().max() / expected.abs().max()).item()
         if not error < 1e-5:
             return f"products off by {error:.1e} of their largest"
+    reference = weight.to(torch.float32) * torch.tensor(0.75)
+    for dtype, bits in ((torch.float32, torch.int32), (torch.bfloat16, torch.int16)):
+        ours = kernel.dequantize(weight, 0.75, dtype)
+        if not torch.equal(ours.view(bits), reference.to(dtype).view(bits)):
+            return f"dequantised {dtype} differs"
     from engine.experts.store import int8_codes
 
     codes, peaks = int8_codes(weight.to(torch.float32))

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from engine import native_build
-from engine.experts import compute, fp8_cpu, store
+from engine.experts import compute, dequant_kernel, fp8_cpu, store
 from engine.quant import FP8_DTYPE
 from tests.helpers.cpu_features import has_avx2_and_fma
 
 # Rows split over three threads (spans of uneven length), whatever the machine's count.
 pytestmark = pytest.mark.usefixtures("three_cpu_threads")
 
+same_bits = dequant_kernel.same_bits  # NaN matches NaN; -0.0 does not match 0.0
 PRODUCT_RTOL = 1e-5  # of the largest product: fp32 sums in another order, over K <= 1,000 inputs
 
 
@@ -160,3 +161,16 @@ def test_inputs_of_the_wrong_width_or_place_are_refused(kernel):
     for bad in (torch.randn(1, 8), torch.randn(64), torch.randn(1, 64, device="meta")):
         with pytest.raises(ValueError, match=r"host inputs \[M, 64\]"):
             kernel.matmul(bad, weight, 1.0)
+
+
+@pytest.mark.parametrize("source", ["every-byte", "with-nan"])
+def test_dequantisation_equals_pytorch_bit_for_bit(kernel, source):
+    """e4m3 x scale rounded once, as compute.eager_dequantize's PyTorch arithmetic (NaN payloads
+    aside), with a tail of K % 8 inputs."""
+    weight = fp8_cpu.every_byte_matrix(90, 61, torch.Generator().manual_seed(8))
+    if source == "with-nan":
+        weight.view(torch.uint8)[::7, ::5] = 0xFF
+    for scale in (0.375, 3e-39, 1e38):  # a subnormal and an overflowing product among them
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            expected = (weight.to(torch.float32) * torch.tensor(scale)).to(dtype)
+            assert same_bits(kernel.dequantize(weight, scale, dtype), expected), (scale, dtype)
