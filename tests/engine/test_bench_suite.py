@@ -44,3 +44,14 @@ def test_a_configuration_that_hangs_is_reported_and_the_rest_run(tiny_checkpoint
 def test_unknown_configuration_names_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="unknown configurations: decode-1g"):
         run_suite(tmp_path, quick=True, model=None, only=("decode-70g", "decode-1g"))
+
+
+def test_the_device_check_runs_every_configuration_once():
+    """.ci/device-check's default list (its order is the priority on a short GPU lease) names
+    each suite configuration exactly once, so a new one cannot be left unmeasured."""
+    import re
+    from pathlib import Path
+
+    script = (Path(__file__).parents[2] / ".ci" / "device-check").read_text()
+    names = re.search(r"only=\$\{1:-([^}]*)\}", script).group(1).split(",")
+    assert sorted(names) == sorted(name for name, _, _ in FULL)
