@@ -36,7 +36,22 @@ def describe(folder: Path) -> list[str]:
         f"(top {cfg.num_experts_per_tok}), hidden {cfg.hidden_size}, vocabulary {cfg.vocab_size:,}"
         + (", vision encoder" if cfg.vision else ""),
         f"  {len(files)} weight file(s), {ckpt.total_bytes / 1e9:.1f} GB, every tensor present and whole",
-    ]
+    ] + cpu_kernel_lines(cfg.expert_format)
+
+
+def cpu_kernel_lines(expert_format: str) -> list[str]:
+    """Whether Quire's C kernel for the folder's expert format built on this machine (it is what
+    lets the CPU compute FP8 and NVFP4 experts at speed); nothing for other formats."""
+    from engine.experts.compute import cpu_kernel_for
+
+    if expert_format not in ("fp8", "nvfp4"):
+        return []
+    name = expert_format.upper()
+    kernel = cpu_kernel_for(expert_format)
+    if kernel is None:
+        return [f"  CPU kernel for {name} experts: not built (no working C compiler, or "
+                f"QUIRE_CPU_KERNELS=off): the CPU computes them 30-50x slower. Install gcc or clang."]
+    return [f"  CPU kernel for {name} experts: built for this CPU ({'AVX2' if kernel.simd else 'portable C'})"]
 
 
 def main(argv: list[str] | None = None) -> int:

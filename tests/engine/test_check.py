@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from engine import check, planning
+from engine import check, native_build, planning
 from engine.experts import nvfp4_cpu
 from engine.placement import GpuInfo
 
@@ -18,6 +18,8 @@ def test_an_fp8_release_folder_is_whole_and_fits(tiny_checkpoint, capsys):
     assert "2 layers, 8 routed experts per layer (top 2)" in out and "vision encoder" in out
     assert "every tensor present and whole" in out and out.count("\n  cpu: ") >= 5
     assert "Fits. " in out and "KV cache (4,096 tokens)" in out
+    if native_build.compiler():
+        assert "CPU kernel for FP8 experts: built for this CPU" in out
 
 
 def test_an_nvfp4_release_folder_is_named_and_its_cpu_plan_warned(tokenizer_dir, tmp_path, capsys,
@@ -27,10 +29,11 @@ def test_an_nvfp4_release_folder_is_named_and_its_cpu_plan_warned(tokenizer_dir,
     folder = write_tiny_nvfp4_checkpoint(tmp_path / "nvfp4", tokenizer_from=tokenizer_dir)
     # As the real model on a workstation: its experts too large to keep dequantised in RAM.
     monkeypatch.setattr(planning, "cpu_keeps_experts_resident", lambda ckpt, available: False)
-    monkeypatch.setattr(nvfp4_cpu, "available", lambda: False)  # a machine without a C compiler
+    monkeypatch.setattr(nvfp4_cpu, "kernel", lambda: None)  # a machine without a C compiler
     assert check.main([str(folder), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "Mistral's NVFP4 release" in out and "Without a GPU, NVFP4 experts are computed slowly" in out
+    assert "CPU kernel for NVFP4 experts: not built" in out and "Install gcc or clang" in out
 
 
 def test_a_truncated_copy_says_which_file_to_copy_again(tiny_checkpoint, tmp_path, capsys):
