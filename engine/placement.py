@@ -401,15 +401,17 @@ def _with_proposal(plan: PlacementPlan, shape: ModelShape, gpus: Sequence[GpuInf
         "or run on the CPU.",))
 
 
-def detect_gpus() -> list[GpuInfo]:
-    """The CUDA GPUs with their free memory now; empty without torch or CUDA."""
+def detect_gpus(indices: tuple[int, ...] = ()) -> list[GpuInfo]:
+    """The CUDA GPUs (those of `indices`, else all) with their free memory now; empty without
+    torch or CUDA. Only the cards asked for are queried: each query makes a CUDA context
+    (~0.5 GB of that card) that lives as long as the process."""
     try:
         import torch
     except ImportError:
         return []
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return [GpuInfo(i, torch.cuda.get_device_name(i), *reversed(torch.cuda.mem_get_info(i)))
-            for i in range(count)]
+            for i in range(count) if not indices or i in indices]
 
 
 def detect_host_memory() -> tuple[int, int]:

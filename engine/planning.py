@@ -74,9 +74,10 @@ def make_plan(ckpt: Checkpoint, device: str, gpu_budget_bytes: int | None, conte
               host_format: str = "fp8") -> PlacementPlan:
     """`as_layers` plans as if the model had that many layers (a benchmark measuring a few
     layers of a synthetic checkpoint gets the expert slots the full 36-layer model would)."""
-    gpus = detect_gpus() if device in ("auto", "cuda") or device.startswith("cuda") else []
-    if gpu_indices:  # --gpus: plan over these cards only
-        gpus = [g for g in gpus if g.index in gpu_indices]
+    if not gpu_indices and device.startswith("cuda:"):  # one named card: plan on it alone
+        gpu_indices = (int(device.split(":")[1]),)
+    gpus = detect_gpus(gpu_indices) if device in ("auto", "cuda") or device.startswith("cuda") else []
+    gpus = [g for g in gpus if not gpu_indices or g.index in gpu_indices]  # --gpus: these cards only
     host_total, host_available = detect_host_memory()
     targets = None
     if not gpus:

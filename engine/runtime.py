@@ -213,6 +213,9 @@ class LoadedModel:
         self.sessions.clear()
         self.experts.close()
         self.ckpt.close()
+        # DecodeSteps refers back to the decoder: break the cycle, so the GPU weights, slots and
+        # graph pools go when the model is dropped, not at some later garbage collection.
+        self.decoder.decode_steps = None
 
 
 def prompt_key(prompt: Prompt) -> list[int]:

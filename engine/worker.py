@@ -74,7 +74,9 @@ class Worker:
 
         ckpt = Checkpoint.open(model_dir)
         total = ckpt.total_bytes
-        self.close()
+        if self.model is not None:
+            self.close()
+            _free_gpu_memory()  # the plan must see the old model's VRAM and pinned RAM free
         opts = _load_options(req, ckpt)
         # The first half of the progress is the routed experts (engine.runtime.LoadedModel):
         # said as what takes the time there, requantising them when offloaded.
@@ -201,6 +203,10 @@ def _free_gpu_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+        # Page-locked blocks freed to PyTorch's pinned allocator stay locked in its cache (the
+        # host store: ~108 GB at full size) until this releases them; empty_cache does not.
+        if hasattr(torch._C, "_host_emptyCache"):
+            torch._C._host_emptyCache()
 
 
 def write_demo(target: Path) -> None:

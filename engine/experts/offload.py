@@ -84,10 +84,10 @@ class OffloadedExperts(ExpertBackend):
         self.wait_routing_s = self.wait_cpu_s = 0.0
         # Prefetch (engine.experts.prefetch): the decoder tells us layer i+1's predicted experts
         # before layer i runs (`expect`), and layer i queues their copies behind its own.
-        if prefetch and self.store.mode == "mmap" and any(d.type == "cuda" for d in layer_devices):
-            # Copies from pageable memory block the host until they are done (and fault pages
-            # in from disk): a prefetch would stall the layer it is meant to overlap.
-            log.warning("prefetch is off: the experts are served from memory-mapped files")
+        if prefetch and self.store.mode != "pinned" and any(d.type == "cuda" for d in layer_devices):
+            # Copies from pageable memory (mapped files, or RAM left unlocked) block the host
+            # until they are done: a prefetch would stall the layer it is meant to overlap.
+            log.warning("prefetch is off: the experts are not in page-locked memory")
             prefetch = False
         self.prefetcher = SlotPrefetcher() if prefetch else None
         self._expected: tuple[int, torch.Tensor] | None = None

@@ -56,16 +56,30 @@ def host_empty(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.T
 
 def _unregister(ptr: int) -> None:
     # Copies queued from this memory (prefetch, copies made ahead) must land before it is
-    # unlocked and freed: pinned memory from PyTorch's allocator gets that wait, ours does not.
-    torch.cuda.synchronize()
-    torch.cuda.cudart().cudaHostUnregister(ptr)
+    # unlocked and freed, on every card the layers sit on: pinned memory from PyTorch's
+    # allocator gets that wait, ours does not. A finalizer can run in the middle of a CUDA graph
+    # capture, where a synchronisation would invalidate it: then the unlock waits for the end.
+    if torch.cuda.is_current_stream_capturing():
+        _deferred.append(ptr)
+        return
+    for device in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(device)
+    for locked in (*_deferred, ptr):
+        torch.cuda.cudart().cudaHostUnregister(locked)
+    _deferred.clear()
+
+
+_deferred: list[int] = []  # unlocks that fell inside a CUDA graph capture
 
 
 def _clear_cuda_error() -> None:
     """Reset the CUDA runtime's last error after a failed call: PyTorch checks it after every
     kernel launch and would blame the next one. PyTorch's bindings have no cudaGetLastError;
     the runtime library it loaded has."""
-    for name in ("libcudart.so.12", "libcudart.so.13", "libcudart.so"):
+    # The runtime of torch's own CUDA major version first: another one on the library path
+    # would keep a last error of its own.
+    major = (torch.version.cuda or "12").split(".")[0]
+    for name in (f"libcudart.so.{major}", "libcudart.so.12", "libcudart.so.13", "libcudart.so"):
         try:
             ctypes.CDLL(name).cudaGetLastError()
             return

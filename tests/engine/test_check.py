@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from engine import check, native_build, planning
+from engine.checkpoint import Checkpoint
 from engine.experts import nvfp4_cpu
 from engine.placement import GpuInfo
 
@@ -47,7 +48,7 @@ def test_a_truncated_copy_says_which_file_to_copy_again(tiny_checkpoint, tmp_pat
 
 
 def test_a_plan_that_does_not_fit_exits_1_and_says_what_to_change(tiny_checkpoint, monkeypatch, capsys):
-    monkeypatch.setattr(planning, "detect_gpus", lambda: [GpuInfo(0, "small GPU", 2**30, 2**30)])
+    monkeypatch.setattr(planning, "detect_gpus", lambda *indices: [GpuInfo(0, "small GPU", 2**30, 2**30)])
     assert check.main([str(tiny_checkpoint), "--device", "cuda", "--gpu-budget", "1MiB"]) == 1
     out = capsys.readouterr().out
     assert "Does not fit: " in out and "exceeds its budget" in out and "raise the GPU budget" in out
@@ -57,3 +58,16 @@ def test_a_bad_budget_is_refused(tiny_checkpoint, capsys):
     with pytest.raises(SystemExit) as exc:
         check.main([str(tiny_checkpoint), "--gpu-budget", "lots"])
     assert exc.value.code == 2 and "lots" in capsys.readouterr().err
+
+
+def test_a_named_card_is_the_only_one_planned_on_or_queried(tiny_checkpoint, monkeypatch, capsys):
+    """--device cuda:1 plans on card 1 alone (not spread over every card), and the other card is
+    not queried (a query makes a CUDA context that would hold ~0.5 GB of it)."""
+    cards = [GpuInfo(0, "card 0", 8 * 2**30, 8 * 2**30), GpuInfo(1, "card 1", 8 * 2**30, 8 * 2**30)]
+    asked: list[tuple[int, ...]] = []
+    monkeypatch.setattr(planning, "detect_gpus",
+                        lambda indices=(): asked.append(indices) or [g for g in cards if not indices or g.index in indices])
+    monkeypatch.setattr(planning, "detect_host_memory", lambda: (64 * 10**9, 48 * 10**9))
+    plan = planning.make_plan(Checkpoint.open(tiny_checkpoint), "cuda:1", None, 4096)
+    assert asked == [(1,)]
+    assert {t.gpu_index for t in plan.targets} == {1}

@@ -152,3 +152,22 @@ def test_benchmark_routing_is_forced_on_both_decode_paths(tiny_checkpoint, stati
     used = [sorted(ids.flatten().tolist()) for ids in model.experts.routing_log]
     assert used == [sorted(trace[t, layer].tolist()) for t in range(8) for layer in range(2)]
     model.close()
+
+
+def test_a_closed_model_is_freed_without_waiting_for_a_garbage_collection(tiny_checkpoint):
+    """GPU loads give the decoder DecodeSteps, which refers back to it: close() breaks that
+    cycle, so the weights, slots and (pinned) host store go when the model is dropped, before a
+    reload plans against the memory they held."""
+    import gc
+    import weakref
+
+    model = LoadedModel(tiny_checkpoint, LoadOptions(dtype="float32", expert_cache_slots=1))
+    model.decoder.decode_steps = DecodeSteps(model.decoder, use_graphs=False)  # as on a GPU
+    decoder, store = weakref.ref(model.decoder), weakref.ref(model.experts.store)
+    gc.disable()
+    try:
+        model.close()
+        del model
+        assert decoder() is None and store() is None
+    finally:
+        gc.enable()

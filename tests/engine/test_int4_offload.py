@@ -129,7 +129,7 @@ def test_the_plan_falls_back_to_8_bit_when_ram_is_short(int4_checkpoint, monkeyp
     # Short: room for the host's own parts (embeddings, vision) but not for the pinned experts.
     available = _host_fixed_bytes(shape) + HOST_SAFETY_BYTES + shape.host_expert_bytes // 2 \
         if ram_short else 200 * 10**9
-    monkeypatch.setattr(planning, "detect_gpus", lambda: [GpuInfo(0, "H100", 85 * 10**9, 84 * 10**9)])
+    monkeypatch.setattr(planning, "detect_gpus", lambda *indices: [GpuInfo(0, "H100", 85 * 10**9, 84 * 10**9)])
     monkeypatch.setattr(planning, "detect_host_memory", lambda: (256 * 10**9, available))
     ready = planning.plan_for_folder(api.PlanModel("p", int4_checkpoint, "cuda", host_format="int4"))
     opts = planning.planned_options(LoadOptions(device="cuda", host_format="int4"), ckpt)
@@ -211,7 +211,7 @@ def test_the_plan_says_what_the_other_precision_would_cache(int4_checkpoint, tin
 
     gpu = GpuInfo(0, "H100", 85 * 10**9, 84 * 10**9)
     monkeypatch.setattr(planning, "detect_host_memory", lambda: (256 * 10**9, 200 * 10**9))
-    monkeypatch.setattr(planning, "detect_gpus", lambda: [gpu])
+    monkeypatch.setattr(planning, "detect_gpus", lambda *indices: [gpu])
 
     from engine.checkpoint import Checkpoint
 
@@ -234,7 +234,7 @@ def test_the_plan_says_what_the_other_precision_would_cache(int4_checkpoint, tin
     assert ready(tiny_checkpoint, "auto").alternative == ""  # 32-wide experts
     everything = planning.plan_for_folder(api.PlanModel("p", int4_checkpoint, "cuda", host_format="auto"))
     assert "16 of 16" in everything.summary and everything.alternative == ""  # nothing to gain
-    monkeypatch.setattr(planning, "detect_gpus", lambda: [])
+    monkeypatch.setattr(planning, "detect_gpus", lambda *indices: [])
     assert ready(int4_checkpoint, "auto").alternative == ""  # a CPU plan
 
 

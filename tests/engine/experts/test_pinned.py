@@ -32,7 +32,11 @@ def cudart(monkeypatch):
     fake = FakeCudart()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: fake.unregistered.append("synchronized"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "synchronize",
+                        lambda device=None: fake.unregistered.append(f"synchronized {device}"))
+    fake.capturing = False
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: fake.capturing)
     real_empty = torch.empty
 
     def empty(*args, pin_memory=False, **kwargs):
@@ -58,7 +62,23 @@ def test_a_size_that_is_not_a_power_of_two_is_locked_in_place_and_unlocked_after
     assert cudart.unregistered == []
     del view
     gc.collect()
-    assert cudart.unregistered == ["synchronized", ptr]
+    assert cudart.unregistered == ["synchronized 0", "synchronized 1", ptr]  # every card's copies
+
+
+def test_memory_freed_during_a_graph_capture_is_unlocked_after_it(cudart):
+    """A finalizer may run inside a CUDA graph capture, where synchronising would invalidate
+    the capture: the unlock waits for the next one outside."""
+    first = pinned.host_empty((3, 64, 36), torch.uint8, pin=True)
+    second = pinned.host_empty((5, 64, 36), torch.uint8, pin=True)
+    first_ptr, second_ptr = first.data_ptr(), second.data_ptr()
+    cudart.capturing = True
+    del first
+    gc.collect()
+    assert cudart.unregistered == []
+    cudart.capturing = False
+    del second
+    gc.collect()
+    assert cudart.unregistered == ["synchronized 0", "synchronized 1", first_ptr, second_ptr]
 
 
 def test_powers_of_two_and_unpinned_tensors_take_the_usual_ways(cudart, monkeypatch):
