@@ -12,6 +12,7 @@ import os
 import resource
 import sys
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -142,7 +143,17 @@ def routing_trace(args: argparse.Namespace, cfg, num_tokens: int):
     return None
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, save=None) -> dict:
+    """The benchmark's JSON object; `save(out)` after each stage, so a run cut short (a device
+    call's time limit) leaves what it measured."""
+    started = time.perf_counter()
+
+    def stage_done(what: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f} s] {what}", file=sys.stderr, flush=True)
+        if save is not None:
+            save(out)
+
+    out: dict = {}
     if args.cpu_threads > 0:
         torch.set_num_threads(args.cpu_threads)  # before the load measures the CPU's rates
     if args.attention_kernel != "auto":
@@ -156,7 +167,7 @@ def run(args: argparse.Namespace) -> dict:
         model.decoder.experts = TraceRouting(experts, trace, args.prefetch_error)
     head_s = head_seconds(model)
     args.chunk = args.chunk or model.prefill_chunk
-    out: dict = {"model": {"folder": str(folder), "synthetic": args.model is None,
+    out |= {"model": {"folder": str(folder), "synthetic": args.model is None,
                            "layers_measured": cfg.num_hidden_layers, "scaled_to_layers": REAL_LAYERS,
                            "note": f"times scaled from {cfg.num_hidden_layers} to {REAL_LAYERS} layers"},
                  "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -164,37 +175,60 @@ def run(args: argparse.Namespace) -> dict:
                  "slots_per_layer": list(model.opts.layer_slots) or model.opts.expert_cache_slots,
                  "machine": machine.describe(cfg.hidden_size, cfg.moe_intermediate_size, model.dtype),
                  "results": []}
+    stage_done("loaded")
     decode = decode_rows(model, args, head_s)
     out["results"] += decode
+    stage_done("decode")
     if args.profile:
         out |= write_profile(model, args)
     for size in _ints(args.prefill):
         out["results"].append({"test": f"pp{size}"} | prefill_run(model, size, args.chunk, head_s,
                                                                   REAL_LAYERS))
+        stage_done(f"prefill {size}")
     for depth in _ints(args.followup):
         out["results"].append(followup_run(model, depth, args.question_tokens, args.chunk,
                                            args.work_dir / "snapshots", head_s, REAL_LAYERS))
-    out["host_format"] = model.experts.store.fmt  # "auto" resolved, after any RAM fallback
-    out["expert_bytes"] = model.experts.store.layers[0].expert_bytes()  # in that format
-    out["attention_kernels"] = {f"{dev} {dtype}".replace("torch.", ""): kernel
-                                for (dev, dtype), kernel in fused_attention._checked.items()}
-    steps = model.decoder.decode_steps
-    out["cuda_graphs"] = steps is not None and not steps.failed
-    out["cpu_kernels"] = cpu_kernels()
-    out["ceiling"] = ceiling(out["machine"], decode[0] if decode else None, cfg, args,
-                             out["host_format"], out["expert_bytes"])
+        stage_done(f"follow-up {depth}")
+    out |= run_facts(model, args, out["machine"], decode[0] if decode else None)
     if args.baseline == "hf":
-        from engine.bench.baseline import hf_decode
-
         model.close()
-        out["baseline"] = hf_decode(folder, args.baseline_tokens, REAL_LAYERS)
-        if decode:
-            out["speedup_vs_baseline"] = decode[0]["avg_ts"] / out["baseline"]["tg_ts"]
+        stage_done("measured; the transformers baseline next")
+        out |= baseline_figures(folder, args, decode[0] if decode else None)
     out["peak_host_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if torch.cuda.is_available():
         out["peak_gpu_bytes"] = [torch.cuda.max_memory_allocated(i)
                                  for i in range(torch.cuda.device_count())]
     return out
+
+
+def run_facts(model, args: argparse.Namespace, machine_info: dict, decode: dict | None) -> dict:
+    """What the run used (host format, kernels, CUDA graphs) and the ceiling for its decode."""
+    store = model.experts.store
+    steps = model.decoder.decode_steps
+    facts = {"host_format": store.fmt,  # "auto" resolved, after any RAM fallback
+             "expert_bytes": store.layers[0].expert_bytes(),  # in that format
+             "attention_kernels": {f"{dev} {dtype}".replace("torch.", ""): kernel
+                                   for (dev, dtype), kernel in fused_attention._checked.items()},
+             "cuda_graphs": steps is not None and not steps.failed,
+             "cpu_kernels": cpu_kernels()}
+    facts["ceiling"] = ceiling(machine_info, decode, model.config, args, facts["host_format"],
+                               facts["expert_bytes"])
+    return facts
+
+
+def baseline_figures(folder: Path, args: argparse.Namespace, decode: dict | None) -> dict:
+    """transformers + accelerate offload on the same folder, and our speed-up over it; a
+    baseline that cannot run is recorded (our figures stand without it)."""
+    from engine.bench.baseline import hf_decode
+
+    try:
+        baseline = hf_decode(folder, args.baseline_tokens, REAL_LAYERS)
+    except (ImportError, RuntimeError, MemoryError) as exc:
+        return {"baseline_error": f"{type(exc).__name__}: {exc}"}
+    figures = {"baseline": baseline}
+    if decode:
+        figures["speedup_vs_baseline"] = decode["avg_ts"] / baseline["tg_ts"]
+    return figures
 
 
 def decode_rows(model, args: argparse.Namespace, head_s: float) -> list[dict]:
@@ -277,8 +311,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name} sizes are token counts above 0; --{name} '' measures none")
     if args.no_cpu_kernels:  # before anything loads them (engine.native_build reads it)
         os.environ[native_build.DISABLE_ENV] = "off"
+    def save(partial: dict) -> None:
+        if args.out:
+            args.out.write_text(json.dumps(partial, indent=2, default=str))
+
     try:
-        result = run(args)
+        result = run(args, save)
     except QuireError as exc:
         print(f"error: {exc.user_message}", file=sys.stderr)
         return 2

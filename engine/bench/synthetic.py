@@ -3,6 +3,8 @@ folder layout so the benchmark exercises the same loader, store and kernels as a
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,9 +28,14 @@ def synthetic_checkpoint(work_dir: Path, num_layers: int, *, tokenizer_from: Pat
     """Write (once; reused when present) a real-shape checkpoint with `num_layers` layers: the
     FP8 release's layout, or with `nvfp4` the NVFP4 release's (engine.tiny_native)."""
     target = Path(work_dir) / f"ms4-synthetic-{'nvfp4-' if nvfp4 else ''}{num_layers}L"
-    if (target / ("params.json" if nvfp4 else "config.json")).is_file():
+    if target.is_dir():
         return target
+    # Written beside it and renamed when whole: a run killed mid-write (a benchmark's time
+    # limit) leaves no folder that a later run would take for a whole one.
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
     shape = replace(shape, layers=num_layers, shards=max(2, num_layers))
-    if nvfp4:
-        return write_tiny_nvfp4_checkpoint(target, shape, tokenizer_from=tokenizer_from)
-    return write_tiny_checkpoint(target, shape, tokenizer_from=tokenizer_from)
+    write = write_tiny_nvfp4_checkpoint if nvfp4 else write_tiny_checkpoint
+    write(partial, shape, tokenizer_from=tokenizer_from)
+    os.replace(partial, target)
+    return target

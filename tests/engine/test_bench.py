@@ -124,3 +124,22 @@ def test_a_prefill_size_of_zero_is_refused_with_the_way_to_measure_none(capsys):
         main(["--prefill", "0", "--device", "cpu"])
     assert exit_info.value.code == 2
     assert "--prefill '' measures none" in capsys.readouterr().err
+
+
+def test_a_synthetic_folder_appears_only_when_whole(tmp_path, tokenizer_dir):
+    """Written as NAME.partial and renamed when whole: a run killed mid-write leaves nothing a
+    later configuration would load as a model (it is written again), and a whole one is reused."""
+    from engine.bench.synthetic import synthetic_checkpoint
+    from engine.checkpoint import Checkpoint
+    from engine.tiny import TinyShape
+
+    stale = tmp_path / "ms4-synthetic-1L.partial"
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")  # what a killed write left
+    folder = synthetic_checkpoint(tmp_path, 1, tokenizer_from=tokenizer_dir, shape=TinyShape())
+    assert folder.name == "ms4-synthetic-1L" and not stale.exists()
+    assert Checkpoint.open(folder).config.num_hidden_layers == 1
+    marker = folder / "reused"
+    marker.write_text("")
+    assert synthetic_checkpoint(tmp_path, 1, tokenizer_from=tokenizer_dir, shape=TinyShape()) == folder
+    assert marker.exists()

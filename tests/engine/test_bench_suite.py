@@ -55,3 +55,39 @@ def test_the_device_check_runs_every_configuration_once():
     script = (Path(__file__).parents[2] / ".ci" / "device-check").read_text()
     names = re.search(r"only=\$\{1:-([^}]*)\}", script).group(1).split(",")
     assert sorted(names) == sorted(name for name, _, _ in FULL)
+
+
+def test_the_device_checks_whole_list_writes_one_summary_and_a_log_each(tmp_path):
+    """Every configuration named at once (as .ci/device-check does): the summary's file name
+    does not grow with the list (it once passed the 255-character limit after the first
+    configuration), and each configuration leaves its full log."""
+    names = tuple(name for name, _, _ in FULL)
+    summary = run_suite(tmp_path, quick=True, model=None, only=names, config_timeout=0.01)
+    assert {r["config"] for r in summary} == set(names)
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert all("timed out" in (tmp_path / f"{name}.log").read_text() for name in names)
+
+
+def test_a_benchmark_cut_short_leaves_what_it_measured(tiny_checkpoint, tmp_path, monkeypatch):
+    """The JSON is saved after each stage: a run that dies in its prefill (or is killed by a
+    device call's limit) still has its decode rows; a baseline that cannot run is recorded
+    beside the figures instead of losing them."""
+    from engine.bench import __main__ as bench
+    from engine.bench import baseline
+
+    out = tmp_path / "bench.json"
+    common = ["--model", str(tiny_checkpoint), "--device", "cpu", "--depth", "0", "--tokens", "2",
+              "--warmup", "1", "--expert-cache-slots", "2", "--work-dir", str(tmp_path), "--out", str(out)]
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(bench, "prefill_run", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        bench.main([*common, "--prefill", "32", "--baseline", "none"])
+    assert [r["test"] for r in json.loads(out.read_text())["results"]] == ["tg2 @ d0"]
+    monkeypatch.setattr(baseline, "hf_decode", lambda *a: (_ for _ in ()).throw(ImportError("no accelerate")))
+    assert bench.main([*common, "--prefill", "", "--baseline", "hf"]) == 0
+    result = json.loads(out.read_text())
+    assert result["baseline_error"] == "ImportError: no accelerate" and result["results"][0]["avg_ts"] > 0
+    assert "speedup_vs_baseline" not in result
