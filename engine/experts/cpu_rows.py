@@ -1,6 +1,7 @@
 """Row-parallel calls into the C expert kernels (nvfp4_cpu, fp8_cpu): a matrix's output rows
 split over `torch.get_num_threads()` threads. ctypes releases the GIL for the length of a call,
-so the spans run at once; the threads are the process's own, apart from PyTorch's pool."""
+so the spans run at once; the threads are the process's own, apart from PyTorch's pool. And the
+check of what the kernels read as inputs."""
 
 from __future__ import annotations
 
@@ -29,3 +30,10 @@ def over_rows(n: int, run: Callable[[int, int], None]) -> None:
 @functools.cache
 def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="quire-cpu-experts")
+
+
+def check_inputs(x: torch.Tensor, k: int) -> None:
+    """x must be host tokens [M, K] of the matrix's K: the kernels read M x K floats from it."""
+    if x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
+        raise ValueError(f"the CPU expert kernels take host inputs [M, {k}], not "
+                         f"{list(x.shape)} on {x.device}")

@@ -23,8 +23,7 @@ from pathlib import Path
 import torch
 
 from engine import native_build
-from engine.experts.cpu_rows import over_rows
-from engine.experts.nvfp4_cpu import check_inputs
+from engine.experts.cpu_rows import check_inputs, over_rows
 from engine.quant import FP8_DTYPE
 
 SOURCE = Path(__file__).with_name("fp8_cpu.c")

@@ -24,7 +24,7 @@ import torch
 
 from engine import native_build
 from engine.experts import nvfp4
-from engine.experts.cpu_rows import over_rows
+from engine.experts.cpu_rows import check_inputs, over_rows
 from engine.quant import FP8_DTYPE
 
 SOURCE = Path(__file__).with_name("nvfp4_cpu.c")
@@ -88,12 +88,6 @@ def _operands(blob: torch.Tensor, divisors: torch.Tensor, n: int) -> tuple[torch
     div = divisors.to("cpu", torch.float32).reshape(-1).expand(n).contiguous()
     return raw, div
 
-
-def check_inputs(x: torch.Tensor, k: int) -> None:
-    """x must be host tokens [M, K] of the matrix's K: the kernels read M x K floats from it."""
-    if x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
-        raise ValueError(f"the CPU expert kernels take host inputs [M, {k}], not "
-                         f"{list(x.shape)} on {x.device}")
 
 
 @functools.cache
