@@ -153,23 +153,29 @@ def run_suite(out_dir: Path, quick: bool, model: Path | None,
         # Written after every configuration: a run cut short (a device call's time limit)
         # still leaves the figures measured so far.
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        for row in summary[-len(checks):]:  # as each configuration ends: a cut run still shows it
+            print(row_line(row), flush=True)
     return summary
 
 
-def _run_logged(cmd: list[str], log: Path, timeout: float | None) -> subprocess.CompletedProcess:
-    """Run one configuration, its whole stdout and stderr kept in `log`; a timeout is exit 124
-    with what it had printed."""
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        def text(part) -> str:
-            return part.decode(errors="replace") if isinstance(part, bytes) else part or ""
+def row_line(row: dict) -> str:
+    mark = "ok " if row["met"] else "NO "
+    return f"{mark} {row['config']:<18} {row['figure']:<52} {row['value']!s:<24} {row['target']}"
 
-        proc = subprocess.CompletedProcess(cmd, 124, text(exc.stdout),
-                                           text(exc.stderr) + f"\ntimed out after {timeout} s")
-    log.write_text(f"$ {' '.join(cmd)}\nexit {proc.returncode}\n--- stderr\n{proc.stderr}\n"
-                   f"--- stdout\n{proc.stdout}")
-    return proc
+
+def _run_logged(cmd: list[str], log: Path, timeout: float | None) -> subprocess.CompletedProcess:
+    """Run one configuration, its stdout and stderr streamed into `log` as they come (a run cut
+    short from outside still leaves them); a timeout is exit 124. Returns its stderr."""
+    with log.open("w") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        try:
+            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = 124
+            f.write(f"\ntimed out after {timeout} s\n")
+        f.write(f"\nexit {code}\n")
+    return subprocess.CompletedProcess(cmd, code, "", log.read_text())
 
 
 def _read_json(path: Path) -> dict:
@@ -194,10 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="where synthetic checkpoints are written (default: OUT_DIR/work)")
     args = p.parse_args(argv)
     only = tuple(n for n in args.only.split(",") if n)
-    for row in run_suite(args.out_dir, args.quick, args.model, only, args.config_timeout or None,
-                         args.nvfp4_model, args.work_dir):
-        mark = "ok " if row["met"] else "NO "
-        print(f"{mark} {row['config']:<18} {row['figure']:<52} {row['value']!s:<24} {row['target']}")
+    run_suite(args.out_dir, args.quick, args.model, only, args.config_timeout or None,
+              args.nvfp4_model, args.work_dir)  # prints each row as its configuration ends
     return 0
 
 
