@@ -74,7 +74,11 @@ def cpu_identity() -> str:
 
 
 def library_path(source: Path, flags: tuple[str, ...], cc: str, cache_dir: Path) -> Path:
-    key = "\n".join([source.read_text(), " ".join(flags), _compiler_identity(cc), cpu_identity()])
+    """The cached library's path: a hash of the source and the headers beside it (it may include
+    them), the flags, the compiler and the CPU."""
+    headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]
+    key = "\n".join([source.read_text(), *headers, " ".join(flags), _compiler_identity(cc),
+                     cpu_identity()])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir / f"{source.stem}-{digest}.so"
 

@@ -9,17 +9,8 @@
  * equal PyTorch's fp32 arithmetic. The subnormal decode needs denormals on (a thread with
  * denormals-are-zero set would read E4M3 subnormals as 0); Quire never turns them off.
  */
-#include <stdint.h>
-#include <string.h>
+#include "cpu_simd.h"
 
-#if defined(__AVX2__) && defined(__FMA__) && !defined(QUIRE_PORTABLE)
-#include <immintrin.h>
-#define QUIRE_SIMD 1
-#else
-#define QUIRE_SIMD 0
-#endif
-
-#define TILE 8 /* tokens per pass over a row: eight accumulators stay in registers */
 #define TWO_TO_120 1.329227995784916e+36f
 
 int quire_fp8_simd(void) { return QUIRE_SIMD; }
@@ -42,13 +33,6 @@ static inline __m256 e4m3x8(const uint8_t *bytes) {
     __m256 value = _mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(TWO_TO_120));
     __m256i nan = _mm256_cmpeq_epi32(magnitude, low7); /* all ones: a NaN */
     return _mm256_or_ps(value, _mm256_castsi256_ps(nan));
-}
-
-static float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
 }
 
 /* Two accumulators per token: each waits on one multiply-add per 16 inputs, not per 8. */
@@ -142,15 +126,6 @@ void quire_fp8_requantize_int8_rows(const uint8_t *w, int64_t row_bytes, int64_t
     }
 }
 
-/* Round to nearest even, NaN to 0xFFFF: PyTorch's vectorised fp32 -> bf16 conversion. */
-static uint16_t to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0xffffu;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
 /* out [N, K] rows [r0, r1): e4m3(w) * scale in fp32, kept (bf16 == 0) or rounded once to bf16
  * (bf16 != 0): bit for bit PyTorch's (w.to(float32) * scale).to(dtype), NaN payloads aside. */
 void quire_fp8_dequantize_rows(const uint8_t *w, int64_t row_bytes, int64_t K, float scale,
@@ -162,17 +137,13 @@ void quire_fp8_dequantize_rows(const uint8_t *w, int64_t row_bytes, int64_t K, f
         int64_t k = 0;
 #if QUIRE_SIMD
         const __m256 scales = _mm256_set1_ps(scale);
-        const __m256i one = _mm256_set1_epi32(1), half = _mm256_set1_epi32(0x7fff);
-        const __m256i nan16 = _mm256_set1_epi32(0xffff);
         for (; k + 8 <= K; k += 8) {
             __m256 v = _mm256_mul_ps(e4m3x8(row + k), scales);
             if (!bf16) {
                 _mm256_storeu_ps(out32 + k, v);
                 continue;
             }
-            __m256i u = _mm256_castps_si256(v);
-            u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(half, _mm256_and_si256(_mm256_srli_epi32(u, 16), one))), 16);
-            u = _mm256_blendv_epi8(u, nan16, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+            __m256i u = bf16x8(v);
             _mm_storeu_si128((__m128i *)(out16 + k),
                              _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1)));
         }

@@ -7,17 +7,7 @@
  * `e4m3` is the 256 byte values of E4M3 as fp32, built by PyTorch so that no bit decoding here can
  * disagree with it. No -ffast-math: the dequantisation must equal PyTorch's fp32 arithmetic.
  */
-#include <stdint.h>
-#include <string.h>
-
-#if defined(__AVX2__) && defined(__FMA__) && !defined(QUIRE_PORTABLE)
-#include <immintrin.h>
-#define QUIRE_SIMD 1
-#else
-#define QUIRE_SIMD 0
-#endif
-
-#define TILE 8 /* tokens per pass over a row: eight accumulators stay in registers */
+#include "cpu_simd.h"
 
 #if !QUIRE_SIMD
 static const float E2M1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
@@ -27,13 +17,6 @@ static const float E2M1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  
 int quire_nvfp4_simd(void) { return QUIRE_SIMD; }
 
 #if QUIRE_SIMD
-static float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /* Twice the E2M1 values as int8 (all integers), looked up 16 at a time by a byte shuffle; the
    dequantisation looks up magnitudes and sets the sign bits itself, so that code 8 gives -0.0. */
 #define SIGNED_VALUES _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
@@ -117,17 +100,6 @@ void quire_nvfp4_matmul_rows(const uint8_t *blob, int64_t row_bytes, int64_t K,
     }
 }
 
-#if !QUIRE_SIMD
-/* Round to nearest even, as PyTorch converts fp32 to bf16 (NaN becomes 0xFFFF, as its
-   vectorised conversion makes it). */
-static uint16_t to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0xffffu;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-#endif
 
 #if QUIRE_SIMD
 /* 16 values in column order (even and odd columns interleaved back), as fp32 or bf16. */
@@ -139,16 +111,7 @@ static void store_group(__m256 even, __m256 odd, void *out, int64_t at, int bf16
         _mm256_storeu_ps((float *)out + at + 8, second);
         return;
     }
-    /* Round to nearest even; NaN becomes 0xFFFF, as PyTorch's vectorised conversion makes it
-       (rounding a NaN's bits could carry it into another value). */
-    const __m256i one = _mm256_set1_epi32(1), half = _mm256_set1_epi32(0x7fff);
-    const __m256i nan16 = _mm256_set1_epi32(0xffff);
-    __m256i a = _mm256_castps_si256(first), b = _mm256_castps_si256(second);
-    a = _mm256_srli_epi32(_mm256_add_epi32(a, _mm256_add_epi32(half, _mm256_and_si256(_mm256_srli_epi32(a, 16), one))), 16);
-    b = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(half, _mm256_and_si256(_mm256_srli_epi32(b, 16), one))), 16);
-    a = _mm256_blendv_epi8(a, nan16, _mm256_castps_si256(_mm256_cmp_ps(first, first, _CMP_UNORD_Q)));
-    b = _mm256_blendv_epi8(b, nan16, _mm256_castps_si256(_mm256_cmp_ps(second, second, _CMP_UNORD_Q)));
-    __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8);
+    __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16x8(first), bf16x8(second)), 0xD8);
     _mm256_storeu_si256((__m256i *)((uint16_t *)out + at), packed);
 }
 #endif

@@ -163,6 +163,9 @@ def test_a_built_library_is_reused_and_a_changed_source_rebuilt(tmp_path, monkey
     source.write_text("int quire_answer(void) { return 43; }\n")
     assert native_build.build(source, cache_dir=cache).quire_answer() == 43
     assert len(compiled) == 1 and len(list(cache.glob("answer-*.so"))) == 2
+    (tmp_path / "shared.h").write_text("/* a header the source may include */\n")
+    assert native_build.build(source, cache_dir=cache).quire_answer() == 43
+    assert len(compiled) == 2  # a changed header beside it builds again
 
 
 @needs_compiler
