@@ -9,8 +9,9 @@ two launches per API (gate_up, then down with SiLU(gate) * up fused into the loa
 input), a 2-D grid (row blocks, experts) for the grouped API, as in fp8_kernel.py.
 
 Each program owns BLOCK_N rows of the blob (row-major: a row's K/2 code bytes, then its K/16
-scale bytes) and steps through K by GROUPS groups of 16 inputs, each group one [BLOCK_N, 8]
-byte tile (8 contiguous bytes a row) and one scale byte a row. Per group and row n,
+scale bytes) and steps through K by GROUPS groups of 16 inputs, each group one [BLOCK_N, 16]
+byte tile (a row's 8 code bytes, each read for both its nibbles) and one scale byte a row.
+Per group and row n,
     x . w = e4m3(scale) * (x . e2m1(codes)) / d[n],
 so the dot runs on E2M1 values (exact in bf16; each product with a bf16 activation exact in
 fp32), each group's partial sum is multiplied by its E4M3 scale in fp32, and the row's divisor
@@ -111,7 +112,13 @@ if TRITON_IMPORTED:  # decorating is cheap; tests also compile it for sm_90 with
         m_mask = offs_m[:, None] < M
         x_rows = x_ptr + e * stride_xe + offs_m[:, None] * stride_xm + tl.arange(0, GROUP)[None, :]
         rows = w_ptr + slot * stride_ws + offs_n * stride_wn  # [BN]: each row's first byte
-        codes = rows[:, None] + tl.arange(0, HALF)[None, :]  # [BN, HALF]: a group's code bytes
+        # [BN, GROUP]: each code byte read twice, once per input it holds; the low nibble is the
+        # even column (K's order). Not tl.join + tl.reshape of the two nibbles: on the H200
+        # (Triton 3.6) a dot fed by that reshape computed garbage (rel. error 1.4), while the
+        # reshape alone, stored, was right.
+        cols = tl.arange(0, GROUP)
+        codes = rows[:, None] + (cols // 2)[None, :]
+        shifts = ((cols % 2) * 4).to(tl.uint32)[None, :]
         scales = rows + K // 2  # [BN]: each row's first scale byte
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # builtins only, see GATED
         for g0 in range(0, K // GROUP, GROUPS):
@@ -125,9 +132,8 @@ if TRITON_IMPORTED:  # decorating is cheap; tests also compile it for sm_90 with
                     # interpreter cannot call (Triton was imported before they switched it on).
                     x = (gate / (1.0 + tl.exp(-gate))).to(tl.bfloat16).to(tl.float32) * up
                 x = x.to(tl.bfloat16).to(DOT_DTYPE)
-                byte = tl.load(codes + g * HALF, mask=n_mask[:, None], other=0)  # [BN, HALF]
-                # the low nibble is the even column: (lo, hi) pairs side by side are K's order
-                w = tl.reshape(tl.join(_e2m1(byte & 15), _e2m1(byte >> 4)), (BLOCK_N, GROUP))
+                byte = tl.load(codes + g * HALF, mask=n_mask[:, None], other=0)  # [BN, GROUP]
+                w = _e2m1((byte.to(tl.uint32) >> shifts) & 15)
                 step = _e4m3(tl.load(scales + g, mask=n_mask, other=0))  # [BN]
                 acc += tl.dot(x, tl.trans(w.to(DOT_DTYPE))) * step[None, :]
         d = tl.load(d_ptr + d_row * stride_de + offs_n, mask=n_mask, other=1.0)
