@@ -16,6 +16,7 @@ fail ("already registered").
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import math
 import mmap
@@ -72,17 +73,47 @@ def _unregister(ptr: int) -> None:
 _deferred: list[int] = []  # unlocks that fell inside a CUDA graph capture
 
 
+def is_page_locked(tensor: torch.Tensor) -> bool:
+    """Whether the CUDA driver holds `tensor`'s memory page-locked. Tensor.is_pinned() asks about
+    the start of the tensor's storage, which for host_empty's locked ranges lies in the unlocked
+    head before the page boundary: PyTorch 2.11 answers False there (seen on the H200 machine),
+    though copies from the tensor run at pinned speed (54 GB/s against 7 for pageable memory)."""
+    if tensor.is_pinned():
+        return True
+    runtime = _runtime()
+    if runtime is None or tensor.device.type != "cpu" or tensor.numel() == 0:
+        return False
+    attributes = ctypes.create_string_buffer(128)  # cudaPointerAttributes; `type` comes first
+    if runtime.cudaPointerGetAttributes(attributes, ctypes.c_void_p(tensor.data_ptr())) != 0:
+        runtime.cudaGetLastError()  # PyTorch would blame its next kernel launch
+        return False
+    return int.from_bytes(attributes.raw[:4], "little") == MEMORY_TYPE_HOST
+
+
+MEMORY_TYPE_HOST = 1  # cudaMemoryTypeHost: page-locked host memory
+
+
 def _clear_cuda_error() -> None:
     """Reset the CUDA runtime's last error after a failed call: PyTorch checks it after every
     kernel launch and would blame the next one. PyTorch's bindings have no cudaGetLastError;
     the runtime library it loaded has."""
-    # The runtime of torch's own CUDA major version first: another one on the library path
-    # would keep a last error of its own.
+    runtime = _runtime()
+    if runtime is None:
+        log.warning("could not reset CUDA's last error after a failed page-lock")
+    else:
+        runtime.cudaGetLastError()
+
+
+@functools.cache
+def _runtime() -> ctypes.CDLL | None:
+    """The CUDA runtime library PyTorch loaded: that of torch's own CUDA major version first,
+    since another one on the library path would keep a last error of its own."""
     major = (torch.version.cuda or "12").split(".")[0]
     for name in (f"libcudart.so.{major}", "libcudart.so.12", "libcudart.so.13", "libcudart.so"):
         try:
-            ctypes.CDLL(name).cudaGetLastError()
-            return
+            runtime = ctypes.CDLL(name)
+            runtime.cudaGetLastError  # noqa: B018 - the symbol must be there
+            return runtime
         except (OSError, AttributeError):
             continue
-    log.warning("could not reset CUDA's last error after a failed page-lock")
+    return None

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from engine import api
+from engine.experts.pinned import is_page_locked
 from engine.generate import Generator
 from engine.runtime import LoadedModel, LoadOptions
 from tests.helpers.assert_close import assert_close
@@ -51,7 +52,7 @@ def test_cuda_logits_match_reference(tiny_checkpoint, reference_logits, slots, t
     assert_close(f"cuda slots={slots} targets={targets}", _logits(model), reference_logits, 1e-3)
     if slots is not None:
         assert model.experts.store.mode == "pinned"
-        assert model.experts.store.layers[0].gate_up.is_pinned()
+        assert is_page_locked(model.experts.store.layers[0].gate_up)
     model.close()
 
 
@@ -221,7 +222,7 @@ def test_cuda_image_prompt_borrows_the_gpu_only_while_encoding(tiny_checkpoint, 
     model = LoadedModel(tiny_checkpoint, LoadOptions(device="cuda", dtype="float32",
                                                      expert_cache_slots=2))
     vision = model.vision
-    assert all(t.is_pinned() for part in vision._host.values() for t in part.values())
+    assert all(is_page_locked(t) for part in vision._host.values() for t in part.values())
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     embeds = model.embed_prompt(prompt, 0)
@@ -276,5 +277,5 @@ def test_requantising_on_the_gpu_is_bit_identical_for_int8():
     codes, rows = requantize_int8(weights, scales)
     out = host_empty(tuple(weights.shape), torch.int8, pin=True)
     gpu_codes, gpu_rows = requantize_int8(weights, scales, out, torch.device("cuda"))
-    assert gpu_codes.data_ptr() == out.data_ptr() and out.is_pinned()
+    assert gpu_codes.data_ptr() == out.data_ptr() and is_page_locked(out)
     assert torch.equal(gpu_codes, codes) and torch.equal(gpu_rows, rows) and gpu_rows.device.type == "cpu"

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from engine.experts import int4
+from engine.experts.pinned import is_page_locked
 from engine.runtime import LoadedModel, LoadOptions
 from tests.helpers.assert_close import assert_close
 from tests.helpers.oracle import reference_model
@@ -174,7 +175,7 @@ def test_cuda_int4_offload_gives_its_dequantised_logits(int4_checkpoint, slots, 
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     model = _int4_model(int4_checkpoint, slots, device="cuda", num_targets=targets)
     store = model.experts.store
-    assert store.quantize_device.type == "cuda" and store.layers[0].gate_up.is_pinned()
+    assert store.quantize_device.type == "cuda" and is_page_locked(store.layers[0].gate_up)
     logits = _run(model, prefill=70).cpu()
     assert_close(f"cuda int4 slots={slots} targets={targets}", logits,
                  _dequantised_logits(int4_checkpoint, store), INT4_ATOL)

@@ -21,6 +21,7 @@ from engine.api import SamplingParams
 from engine.checkpoint import Checkpoint
 from engine.errors import CheckpointError, InputError, OutOfMemoryError
 from engine.experts import nvfp4, nvfp4_cpu
+from engine.experts.pinned import is_page_locked
 from engine.experts.store import HostExpertStore, host_format_for
 from engine.generate import Generator
 from engine.planning import plan_in_format, shape_of
@@ -315,7 +316,7 @@ def test_cuda_nvfp4_offload_matches_transformers(nvfp4_folder, long_expected, mo
     dequantised by the GPU's paths; 1e-3 absolute (cuBLAS reduction order, as test_cuda.py)."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     model = LoadedModel(nvfp4_folder, LoadOptions(device="cuda", dtype="float32", expert_cache_slots=2))
-    assert model.experts.store.layers[0].gate_up.is_pinned()
+    assert is_page_locked(model.experts.store.layers[0].gate_up)
     logits = prefill_then_decode(model, LONG_IDS, prefill=70).cpu()
     assert_close("cuda nvfp4 fp32", logits, long_expected, 1e-3)
     model.close()

@@ -13,6 +13,7 @@ import torch
 
 from engine.experts import int4
 from engine.experts.compute import cpu_expert_forward, dequant_expert, expert_forward
+from engine.experts.pinned import is_page_locked
 
 
 def _weights(n: int = 128, k: int = 192, seed: int = 0) -> torch.Tensor:
@@ -125,7 +126,7 @@ def test_a_gpu_quantises_as_the_cpu_does():
     scales = torch.tensor([0.01, 0.02, 0.005])
     on_cpu = requantize_int4(weights, scales)
     on_gpu = requantize_int4(weights, scales, pin=True, device=torch.device("cuda"))
-    assert on_gpu.device.type == "cpu" and on_gpu.is_pinned()
+    assert on_gpu.device.type == "cpu" and is_page_locked(on_gpu)
     for cpu_blob, gpu_blob in zip(on_cpu, on_gpu, strict=True):
         (cpu_codes, cpu_scales), (gpu_codes, gpu_scales) = int4.split(cpu_blob), int4.split(gpu_blob)
         assert torch.equal(cpu_scales, gpu_scales)

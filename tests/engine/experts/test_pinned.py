@@ -103,7 +103,7 @@ def test_without_cuda_nothing_is_locked():
     if torch.cuda.is_available():
         pytest.skip("a CPU-only check")
     tensor = pinned.host_empty((3, 7), torch.uint8, pin=True)
-    assert tensor.shape == (3, 7) and not tensor.is_pinned()
+    assert tensor.shape == (3, 7) and not pinned.is_page_locked(tensor)
 
 
 @pytest.mark.cuda
@@ -114,9 +114,41 @@ def test_registered_tensors_are_pinned_and_small_neighbours_both_lock():
     not trip over a stale CUDA error."""
     stats_before = torch.cuda.host_memory_stats().get("reserved_bytes.current", 0)
     tensors = [pinned.host_empty((37, 101), torch.uint8, pin=True) for _ in range(2)]
-    assert all(t.is_pinned() for t in tensors)
+    assert all(pinned.is_page_locked(t) for t in tensors)
     assert torch.cuda.host_memory_stats().get("reserved_bytes.current", 0) == stats_before
     for i, tensor in enumerate(tensors):
         tensor.copy_(torch.arange(37 * 101, dtype=torch.int64).view(37, 101).add(i).to(torch.uint8))
         on_gpu = tensor.to("cuda", non_blocking=True)
         assert torch.equal((on_gpu.int() + 1).cpu(), tensor.int() + 1)
+
+
+class FakeRuntime:
+    """cudaPointerGetAttributes answering `kind` for one address (an error for any other)."""
+
+    def __init__(self, ptr: int, kind: int) -> None:
+        self.ptr, self.kind, self.errors_cleared = ptr, kind, 0
+
+    def cudaPointerGetAttributes(self, attributes, ptr) -> int:  # noqa: N802 - CUDA's name
+        if ptr.value != self.ptr:
+            return 1  # cudaErrorInvalidValue
+        attributes.raw = self.kind.to_bytes(4, "little") + attributes.raw[4:]
+        return 0
+
+    def cudaGetLastError(self) -> int:  # noqa: N802
+        self.errors_cleared += 1
+        return 0
+
+
+@pytest.mark.parametrize("kind, locked", [(1, True), (0, False)])
+def test_page_locked_is_asked_of_the_driver_at_the_tensors_own_address(monkeypatch, kind, locked):
+    """is_pinned() asks about the storage's start, which for an in-place lock lies before the
+    locked pages: the driver is asked about the tensor's first byte instead, and a refused
+    question is a no, its error cleared."""
+    raw = torch.zeros(2 * pinned.PAGE, dtype=torch.uint8)
+    view = raw[pinned.PAGE:]
+    runtime = FakeRuntime(view.data_ptr(), kind)
+    monkeypatch.setattr(pinned, "_runtime", lambda: runtime)
+    assert pinned.is_page_locked(view) is locked
+    assert pinned.is_page_locked(raw) is False and runtime.errors_cleared == 1
+    monkeypatch.setattr(pinned, "_runtime", lambda: None)  # no CUDA runtime at all
+    assert pinned.is_page_locked(view) is False
