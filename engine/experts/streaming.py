@@ -55,10 +55,21 @@ def issue_ahead(buffers: StagingBuffers, host, layer: int, experts: list[int]) -
     return sum(len(group) for group in groups) * host.expert_bytes()
 
 
-def adopts_ahead(ahead: tuple[int, list[int]] | None, layer: int, groups: list[list[int]]) -> bool:
-    """Whether the copies made ahead are exactly this layer's first two groups."""
-    return ahead is not None and ahead[0] == layer and \
-        ahead[1] == [e for group in groups[:2] for e in group]
+def adopted_groups(ahead: tuple[int, list[int]] | None, layer: int,
+                   missing: list[int]) -> list[list[int]] | None:
+    """The staging groups for `missing` (the chunk's uncached experts, ascending) that keep the
+    copies made ahead where they lie: the ahead groups as copied, then the rest. None when the
+    copies are another layer's or miss a used expert among them (the groups would not be
+    visited in ascending order). An expert copied ahead that the chunk does not use only costs
+    its copy: before, one such expert made the whole guess be copied again."""
+    if ahead is None or ahead[0] != layer or not ahead[1] or ahead[1] != sorted(ahead[1]):
+        return None
+    copied, last = set(ahead[1]), ahead[1][-1]
+    if any(e not in copied for e in missing if e <= last):
+        return None
+    rest = [e for e in missing if e > last]
+    return [ahead[1][i : i + GROUP] for i in range(0, len(ahead[1]), GROUP)] + \
+        [rest[i : i + GROUP] for i in range(0, len(rest), GROUP)]
 
 
 def _copy_group(b: StagingBuffers, host, experts: list[int], g: int) -> None:
@@ -80,20 +91,24 @@ class ExpertStreamer:
         self.slots, self.layer, self.dtype, self.buffers = slots, layer, dtype, buffers
         self.cached = cached
         missing = [e for e in experts if e not in cached]
-        self.groups = [missing[i : i + GROUP] for i in range(0, len(missing), GROUP)]
-        self.where = {e: (g, i) for g, grp in enumerate(self.groups) for i, e in enumerate(grp)}
-        self.num_bytes_copied = 0
-        self.adopted = False  # groups 0 and 1 were copied ahead (engine.experts.offload)
-        self._current_group = -1
+        ahead = None
         if buffers is not None:
             ahead, buffers.ahead = buffers.ahead, None
-            self.adopted = adopts_ahead(ahead, layer, self.groups)
-            if not self.adopted:
-                # The buffers may still be read by the previous chunk's queued compute (and
-                # copies made ahead for nothing are queued before these, on the same stream).
-                buffers.stream.wait_stream(torch.cuda.current_stream(buffers.gate_up.device))
-                for g in range(min(2, len(self.groups))):
-                    self._issue_copy(g)
+        groups = adopted_groups(ahead, layer, missing)
+        self.adopted = groups is not None  # groups 0 and 1 were copied ahead (offload.begin_layer)
+        copied_ahead = -(-len(ahead[1]) // GROUP) if groups is not None else 0
+        if groups is None:
+            groups = [missing[i : i + GROUP] for i in range(0, len(missing), GROUP)]
+        self.groups = groups
+        self.where = {e: (g, i) for g, grp in enumerate(self.groups) for i, e in enumerate(grp)}
+        self.num_bytes_copied = 0
+        self._current_group = -1
+        if buffers is not None and copied_ahead < min(2, len(self.groups)):
+            # The buffers may still be read by the previous chunk's queued compute (and
+            # copies made ahead for nothing are queued before these, on the same stream).
+            buffers.stream.wait_stream(torch.cuda.current_stream(buffers.gate_up.device))
+            for g in range(copied_ahead, min(2, len(self.groups))):
+                self._issue_copy(g)
 
     def __call__(self, expert: int):
         if expert in self.cached:
@@ -110,6 +125,12 @@ class ExpertStreamer:
                               slots.down_scale[expert], self.dtype)
 
     def _enter_group(self, g: int) -> None:
+        # One group at a time, also through groups none of whose experts the chunk uses (copied
+        # ahead, unused): each group left is what issues the copy into its buffer two groups on.
+        while self._current_group < g:
+            self._next_group()
+
+    def _next_group(self) -> None:
         b = self.buffers
         assert b is not None
         compute = torch.cuda.current_stream(b.gate_up.device)
@@ -120,8 +141,8 @@ class ExpertStreamer:
             b.free[prev % 2].record(compute)
             if prev + 2 < len(self.groups):
                 self._issue_copy(prev + 2)
-        compute.wait_event(b.ready[g % 2])
-        self._current_group = g
+        self._current_group += 1
+        compute.wait_event(b.ready[self._current_group % 2])
 
     def _issue_copy(self, g: int) -> None:
         assert self.buffers is not None
