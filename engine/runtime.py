@@ -116,8 +116,10 @@ class LoadedModel:
                                    progress=progress)
         gpus = sorted({d for d in self.layer_devices if d.type == "cuda"}, key=str)
         if gpus:
+            from engine.experts.cpu_threads import leave_one_core_to_the_gpu
             from engine.experts.profile import load_or_measure
 
+            leave_one_core_to_the_gpu()
             cfg = self.config
             experts.profiles = {d: load_or_measure(d, experts.store.fmt, cfg.hidden_size,
                                                    cfg.moe_intermediate_size, self.dtype) for d in gpus}

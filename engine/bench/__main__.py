@@ -28,6 +28,7 @@ from engine.bench.measure import (
     prefill_run,
 )
 from engine.errors import QuireError
+from engine.experts import cpu_threads
 from engine.experts.store import HOST_FORMATS
 from engine.model import fused_attention
 
@@ -75,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CUDA prefill attention kernel (auto: FlashAttention with padded values "
                         "if it passes its self-test, else the memory-efficient one)")
     p.add_argument("--cpu-threads", type=int, default=0,
-                   help="CPU threads for expert compute (default: torch's choice, one per core); "
-                        "one fewer leaves the launching thread a core of its own")
+                   help="CPU threads for expert compute (default: one per core, less one on GPU loads "
+                        "for the thread that drives the GPU; engine.experts.cpu_threads)")
     p.add_argument("--baseline", choices=("hf", "none"), default="none")
     p.add_argument("--baseline-tokens", type=int, default=3)
     p.add_argument("--out", type=Path, help="also write the JSON here")
@@ -155,7 +156,7 @@ def run(args: argparse.Namespace, save=None) -> dict:
 
     out: dict = {}
     if args.cpu_threads > 0:
-        torch.set_num_threads(args.cpu_threads)  # before the load measures the CPU's rates
+        cpu_threads.choose(args.cpu_threads)  # before the load measures the CPU's rates
     if args.attention_kernel != "auto":
         fused_attention.CUDA_KERNELS = (args.attention_kernel,)
     model, folder, plan_summary = load_model(args)
