@@ -152,24 +152,25 @@ def _routes(top_idx: torch.Tensor, device: torch.device
     experts' indices in one page-locked, non-blocking copy (one blocking copy per expert would
     drain the GPU's queue up to 256 times per layer of a prefill chunk).
     """
-    ids = top_idx.tolist()  # [T][K] on the host: one transfer per layer (none if already there)
-    if len(ids) == 1:
-        return {e: (None, k) for k, e in sorted(enumerate(ids[0]), key=lambda ke: ke[1])}
-    found: dict[int, tuple[list[int], list[int]]] = {}
-    for t, row in enumerate(ids):
-        for k, e in enumerate(row):
-            tokens, slots = found.setdefault(e, ([], []))
-            tokens.append(t)
-            slots.append(k)
-    experts = sorted(found)
-    tokens = [t for e in experts for t in found[e][0]]
-    flat = torch.tensor(tokens + [k for e in experts for k in found[e][1]], dtype=torch.long)
+    if top_idx.shape[0] == 1:
+        ids = top_idx[0].tolist()  # on the host: one transfer per layer (none if already there)
+        return {e: (None, k) for k, e in sorted(enumerate(ids), key=lambda ke: ke[1])}
+    # Sorted by expert with a stable sort of the flat [T*K] choices: each expert's tokens stay in
+    # token order, as a loop over tokens would list them (64K choices of a 16K chunk: a few ms
+    # here against ~30 ms of Python a layer).
+    flat_experts = top_idx.to("cpu").reshape(-1)
+    order = torch.sort(flat_experts, stable=True).indices
+    num_choices = top_idx.shape[1]
+    counts = torch.bincount(flat_experts)
+    experts = torch.nonzero(counts).flatten().tolist()
+    sizes = counts[experts].tolist()
+    flat = torch.cat([order // num_choices, order % num_choices])
     if device.type == "cuda":
         flat = flat.pin_memory().to(device, non_blocking=True)
-    token_idx, slot_idx = flat[: len(tokens)], flat[len(tokens) :]
+    token_idx, slot_idx = flat[: order.numel()], flat[order.numel() :]
     routes, start = {}, 0
-    for e in experts:
-        end = start + len(found[e][0])
+    for e, size in zip(experts, sizes, strict=True):
+        end = start + size
         routes[e] = (token_idx[start:end], slot_idx[start:end])
         start = end
     return routes

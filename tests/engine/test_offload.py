@@ -415,3 +415,22 @@ def test_a_steps_cpu_experts_are_one_job_beside_a_gpu_and_inline_on_a_cpu(tiny_c
         else:
             assert submitted == []
         model.close()
+
+
+def test_a_chunks_routes_list_each_experts_tokens_in_token_order():
+    """run_experts adds outputs per expert in the order _routes lists tokens: the sorted form
+    must list exactly what a loop over tokens and their choices lists."""
+    from engine.model.moe import _routes
+
+    gen = torch.Generator().manual_seed(0)
+    top_idx = torch.stack([torch.randperm(16, generator=gen)[:4] for _ in range(300)])
+    expected: dict[int, tuple[list[int], list[int]]] = {}
+    for t, row in enumerate(top_idx.tolist()):
+        for k, e in enumerate(row):
+            expected.setdefault(e, ([], []))[0].append(t)
+            expected[e][1].append(k)
+    routes = _routes(top_idx, torch.device("cpu"))
+    assert list(routes) == sorted(expected)
+    assert {e: (t.tolist(), s.tolist()) for e, (t, s) in routes.items()} == expected
+    assert _routes(top_idx[:1], torch.device("cpu")) == {e: (None, k) for k, e in
+                                                          sorted(enumerate(top_idx[0].tolist()), key=lambda ke: ke[1])}
