@@ -26,6 +26,7 @@ from engine.bench.measure import (
     followup_run,
     head_seconds,
     prefill_run,
+    warm_up_prefill,
 )
 from engine.errors import QuireError
 from engine.experts import cpu_threads
@@ -182,6 +183,9 @@ def run(args: argparse.Namespace, save=None) -> dict:
     stage_done("decode")
     if args.profile:
         out |= write_profile(model, args)
+    if _ints(args.prefill) or _ints(args.followup):
+        warm_up_prefill(model, min(args.chunk, max(_ints(args.prefill) + _ints(args.followup))))
+        stage_done("prefill warm-up")
     for size in _ints(args.prefill):
         out["results"].append({"test": f"pp{size}"} | prefill_run(model, size, args.chunk, head_s,
                                                                   REAL_LAYERS))
@@ -262,16 +266,29 @@ def decode_rows(model, args: argparse.Namespace, head_s: float) -> list[dict]:
 
 
 def write_profile(model, args: argparse.Namespace) -> dict:
-    """torch.profiler tables of a few decode tokens beside --out (or in the work dir)."""
-    from engine.bench.profiling import profile_decode
+    """torch.profiler tables of a few decode tokens, and of one prefill chunk when --prefill is
+    asked for, beside --out (or in the work dir)."""
+    from engine.bench.profiling import profile_decode, profile_prefill
 
-    target = args.out.with_suffix(".profile.txt") if args.out else args.work_dir / "decode.profile.txt"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:  # a diagnostic: never cost the figures measured before it
-        target.write_text(profile_decode(model))
-        return {"profile_file": str(target)}
-    except Exception as exc:  # noqa: BLE001 - profiler support varies by torch build
-        return {"profile_error": f"{type(exc).__name__}: {exc}"}
+    def target(kind: str) -> Path:  # X.json -> X.profile.txt, X.prefill-profile.txt
+        if args.out:
+            return args.out.with_suffix(".profile.txt" if kind == "decode" else f".{kind}-profile.txt")
+        return args.work_dir / f"{kind}.profile.txt"
+
+    reports = {"decode": lambda: profile_decode(model)}
+    if _ints(args.prefill):
+        reports["prefill"] = lambda: profile_prefill(model, min(args.chunk, max(_ints(args.prefill))))
+    out = {}
+    for kind, report in reports.items():
+        name = "profile" if kind == "decode" else f"{kind}_profile"
+        path = target(kind)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # a diagnostic: never cost the figures measured before it
+            path.write_text(report())
+            out[f"{name}_file"] = str(path)
+        except Exception as exc:  # noqa: BLE001 - profiler support varies by torch build
+            out[f"{name}_error"] = f"{type(exc).__name__}: {exc}"
+    return out
 
 
 def ceiling(mach: dict, row: dict | None, cfg, args: argparse.Namespace, host_format: str,

@@ -143,3 +143,21 @@ def test_a_synthetic_folder_appears_only_when_whole(tmp_path, tokenizer_dir):
     marker.write_text("")
     assert synthetic_checkpoint(tmp_path, 1, tokenizer_from=tokenizer_dir, shape=TinyShape()) == folder
     assert marker.exists()
+
+
+def test_bench_profiles_a_prefill_chunk_after_a_warm_up(tiny_checkpoint, tmp_path):
+    """--profile with --prefill: one chunk's tables beside the JSON (where a GPU prefill's time
+    goes); the measured prefill comes after an unmeasured warm-up chunk."""
+    out = tmp_path / "run.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.bench", "--model", str(tiny_checkpoint), "--device", "cpu",
+         "--depth", "", "--prefill", "96", "--chunk", "64", "--expert-cache-slots", "2",
+         "--profile", "--work-dir", str(tmp_path), "--out", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    report = (tmp_path / "run.prefill-profile.txt").read_text()
+    assert result["prefill_profile_file"] == str(tmp_path / "run.prefill-profile.txt")
+    assert report.startswith("prefill profile: one 64-token chunk") and "aten::" in report
+    assert "prefill warm-up" in proc.stderr
+    assert result["results"][0]["test"] == "pp96"
