@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,18 +21,30 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-FORMAT = "quire-kv-snapshot-v1"
+FORMAT = "quire-kv-snapshot-v2"  # v2: checksums by CRC-32 of 64 MiB pieces
 
 
 def digest_key(key: list[int]) -> str:
     return hashlib.blake2b(json.dumps(key).encode(), digest_size=16).hexdigest()
 
 
+CHECKSUM_PIECE = 1 << 26  # bytes a thread checks at once
+
+
 def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.blake2b(digest_size=16)
+    """A digest of every tensor's bytes, to catch a corrupt or truncated file (not an attack:
+    the folder is the user's own). CRC-32 of 64 MiB pieces on all cores (zlib releases the GIL):
+    a 36-layer 100K-token snapshot is ~4 GB, which one BLAKE2 pass read at 0.8 GB/s."""
+    pieces = []
     for name in sorted(tensors):
-        h.update(name.encode())
-        h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+        data = tensors[name].contiguous().view(torch.uint8).reshape(-1).numpy()
+        pieces += [(name, data[i : i + CHECKSUM_PIECE])
+                   for i in range(0, max(len(data), 1), CHECKSUM_PIECE)]
+    with ThreadPoolExecutor(max(1, min(len(pieces), os.cpu_count() or 1))) as pool:
+        crcs = list(pool.map(lambda piece: zlib.crc32(piece[1]), pieces))
+    h = hashlib.blake2b(digest_size=16)
+    for (name, piece), crc in zip(pieces, crcs, strict=True):
+        h.update(f"{name}:{len(piece)}:{crc:08x};".encode())
     return h.hexdigest()
 
 

@@ -112,3 +112,19 @@ def test_editing_a_turn_reuses_the_longest_unchanged_prefix(tiny_checkpoint, edi
         assert cache.offset > len(DOC) // 10
     else:
         assert cache.offset < len(DOC) // 10
+
+
+def test_checksum_sees_a_change_in_any_piece_and_any_name(monkeypatch):
+    """The bytes are checked in pieces on several threads: a flipped bit in the last piece, a
+    renamed tensor or a shortened one each change the digest."""
+    from engine.kv import snapshot
+
+    monkeypatch.setattr(snapshot, "CHECKSUM_PIECE", 64)
+    state = {"k": torch.arange(300, dtype=torch.int16).reshape(100, 3), "v": torch.ones(5, 7)}
+    digest = snapshot.tensors_checksum(state)
+    assert snapshot.tensors_checksum({n: t.clone() for n, t in state.items()}) == digest
+    flipped = state["k"].clone()
+    flipped[-1, -1] ^= 1
+    assert snapshot.tensors_checksum({"k": flipped, "v": state["v"]}) != digest
+    assert snapshot.tensors_checksum({"K": state["k"], "v": state["v"]}) != digest
+    assert snapshot.tensors_checksum({"k": state["k"][:-1], "v": state["v"]}) != digest
