@@ -20,6 +20,7 @@ from engine.checkpoint import Checkpoint
 from engine.experts.ceiling import split_misses, split_streamed
 from engine.experts.combine_kernel import combine, combine_usable
 from engine.experts.compute import cpu_expert_forward, cpu_kernel_for, dequant_expert
+from engine.experts.cpu_rate import CpuRateTracker
 from engine.experts.policy import CachePolicy, LRFUPolicy, LRUPolicy, ShiftLRFUPolicy
 from engine.experts.prefetch import SlotPrefetcher
 from engine.experts.profile import MachineProfile
@@ -74,6 +75,7 @@ class OffloadedExperts(ExpertBackend):
         # step's misses (and a short prefill chunk's streamed experts) are split so that PCIe
         # copies and CPU compute finish together; without it, admission alone decides.
         self.profiles: dict[torch.device, MachineProfile] = {}
+        self.cpu_rate = CpuRateTracker()  # what decode's CPU jobs achieve, beside the profile
         self._buffers: dict[torch.device, StagingBuffers] = {}
         self.bytes_copied = 0
         self.bytes_cpu = 0
@@ -252,8 +254,10 @@ class OffloadedExperts(ExpertBackend):
                 for e in misses]
 
     def _profile(self, layer: int) -> MachineProfile | None:
-        """The measured rates of the layer's GPU (None on CPU loads)."""
-        return self.profiles.get(self.layers[layer].device)
+        """The measured rates of the layer's GPU (None on CPU loads), the CPU's as decode's
+        jobs achieve them (engine.experts.cpu_rate)."""
+        p = self.profiles.get(self.layers[layer].device)
+        return None if p is None else self.cpu_rate.adjusted(p)
 
     def _num_copies(self, layer: int, num_misses: int, expert_bytes: int) -> int:
         """How many of a step's misses go over PCIe (the rest to the CPU), so both finish together."""
@@ -282,7 +286,15 @@ class OffloadedExperts(ExpertBackend):
             return {e: (lambda xs, e=e: forward(e, xs)) for e in experts}
         x_host = x.to("cpu")
         inputs = [x_host[torch.where((top_idx == e).any(dim=-1))[0]] for e in experts]  # on the host
-        job = self._cpu_pool.submit(lambda: [forward(e, xs) for e, xs in zip(experts, inputs, strict=True)])
+
+        def run() -> list[torch.Tensor]:
+            t0 = time.perf_counter()
+            outputs = [forward(e, xs) for e, xs in zip(experts, inputs, strict=True)]
+            if x.shape[0] == 1:  # a decode step: its time is the weights' (one token each)
+                self.cpu_rate.observe(len(experts) * host.expert_bytes(), time.perf_counter() - t0)
+            return outputs
+
+        job = self._cpu_pool.submit(run)
 
         def output(i: int) -> torch.Tensor:
             t0 = time.perf_counter()  # time the caller blocks: the CPU path running late
@@ -388,7 +400,7 @@ class OffloadedExperts(ExpertBackend):
                "bytes_copied": self.bytes_copied, "bytes_cpu": self.bytes_cpu,
                "cpu_experts": self.num_cpu_experts, "prefill_ahead_issued": self.num_ahead_issued,
                "prefill_ahead_used": self.num_ahead_used, "wait_routing_s": self.wait_routing_s,
-               "wait_cpu_s": self.wait_cpu_s}
+               "wait_cpu_s": self.wait_cpu_s, "cpu_bytes_per_s_seen": self.cpu_rate.bytes_per_s or 0.0}
         if self.prefetcher is not None:
             out |= self.prefetcher.counters()
             out["bytes_copied"] += out["bytes_prefetched"]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine.experts.ceiling import EXPERT_BYTES
+from engine.experts.cpu_rate import CpuRateTracker
 from engine.experts.offload import OffloadedExperts
 from engine.experts.policy import ShiftLRFUPolicy
 from engine.experts.profile import MachineProfile
@@ -28,7 +29,7 @@ def _replay(trace, slots: int | list[int], balanced: bool, expert_bytes: int = E
         policy=ShiftLRFUPolicy(slots_per_layer=slots), cpu_misses=True,
         profiles={cpu: MachineProfile(PCIE, cpu_rate, 1e4, "test")} if balanced else {},
         layers=[SimpleNamespace(device=cpu, host=SimpleNamespace(expert_bytes=lambda: expert_bytes))]
-        * trace.shape[1])
+        * trace.shape[1], cpu_rate=CpuRateTracker())
     backend._profile = lambda layer: OffloadedExperts._profile(backend, layer)
     backend._num_copies = lambda *a: OffloadedExperts._num_copies(backend, *a)
     if not balanced:  # the split without the policy's say: half the misses offered for copies
