@@ -302,7 +302,8 @@ def ceiling(mach: dict, row: dict | None, cfg, args: argparse.Namespace, host_fo
     if row is None or not pcie or not hbm:
         return {"note": "needs a CUDA GPU (PCIe and HBM bandwidths)"}
     uses = REAL_LAYERS * cfg.num_experts_per_tok
-    cpu = 0.0 if args.no_cpu_misses else mach["cpu_expert_bytes_per_s"][host_format]
+    # Every path's ceiling, whichever ran (with --no-cpu-misses the H200 run once crashed here).
+    cpu = mach["cpu_expert_bytes_per_s"].get(host_format, 0.0)
     resident_s = resident_time(row["hit_rate"], hbm, uses_per_token=uses, expert_bytes=expert_bytes)
     c = decode_ceilings(row["hit_rate"], pcie, cpu, resident_s, uses, expert_bytes)
     path = c.pcie_only if args.no_cpu_misses else c.hybrid

@@ -69,8 +69,11 @@ class DecodeCeilings:
 def decode_ceilings(hit_rate: float, pcie_bps: float, cpu_bps: float, resident_s: float,
                     uses_per_token: int = USES_PER_TOKEN,
                     expert_bytes: int = EXPERT_BYTES) -> DecodeCeilings:
-    """PCIe only, CPU only, hybrid, and hybrid without prefetch, as in the note's table."""
+    """PCIe only, CPU only, hybrid, and hybrid without prefetch, as in the note's table. A path
+    without a rate (no CPU path measured) has a ceiling of 0."""
     def ceiling(p: float, c: float, overlap: bool = True) -> float:
+        if p <= 0 and c <= 0:
+            return 0.0
         return decode_ceiling(hit_rate, p, c, resident_s, overlap, uses_per_token, expert_bytes)
 
     return DecodeCeilings(ceiling(pcie_bps, 0.0), ceiling(0.0, cpu_bps),

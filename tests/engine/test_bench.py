@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from engine import native_build
 
 
@@ -161,3 +163,22 @@ def test_bench_profiles_a_prefill_chunk_after_a_warm_up(tiny_checkpoint, tmp_pat
     assert report.startswith("prefill profile: one 64-token chunk") and "aten::" in report
     assert "prefill warm-up" in proc.stderr
     assert result["results"][0]["test"] == "pp96"
+
+
+def test_the_ceiling_of_a_pcie_only_run_is_reported_beside_the_others():
+    """--no-cpu-misses: achieved over the PCIe-only ceiling, every path's ceiling still given;
+    a format without a measured CPU rate has a CPU ceiling of 0 (the H200 run crashed here)."""
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    from engine.bench.__main__ import ceiling
+
+    mach = {"pcie_pinned_bytes_per_s": 55e9, "hbm_bytes_per_s": 4e12,
+            "cpu_expert_bytes_per_s": {"int8": 20e9}}
+    cfg = SimpleNamespace(num_experts_per_tok=4)
+    row = {"hit_rate": 0.2, "avg_ts": 10.0}
+    pcie_only = ceiling(mach, row, cfg, Namespace(no_cpu_misses=True), "int8", 25 << 20)
+    assert pcie_only["path"] == "pcie" and 0 < pcie_only["pcie_only_ts"] < pcie_only["hybrid_ts"]
+    assert pcie_only["achieved_over_ceiling"] == pytest.approx(10.0 / pcie_only["pcie_only_ts"])
+    no_rate = ceiling(mach, row, cfg, Namespace(no_cpu_misses=True), "fp8", 25 << 20)
+    assert no_rate["cpu_only_ts"] == 0.0 and no_rate["hybrid_ts"] == no_rate["pcie_only_ts"]
