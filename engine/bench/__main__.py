@@ -258,9 +258,10 @@ def decode_rows(model, args: argparse.Namespace, head_s: float) -> list[dict]:
         # layer's routing, and on the CPU path's experts after the GPU's were done.
         row |= {f"{k}_per_token": counters[k] / args.tokens for k in ("wait_routing_s", "wait_cpu_s")
                 if k in counters}
-        # The CPU path's rate as decode saw it (engine.experts.cpu_rate), beside the quiet one.
+        # cpu_speed_seen: the CPU path's speed in the run over the quiet measurement's
+        # (engine.experts.cpu_rate; 0 if no CPU job was timed).
         row |= {k: counters[k] for k in ("prefetch_issued", "prefetch_used", "prefetch_wasted",
-                                         "cpu_bytes_per_s_seen") if k in counters}
+                                         "cpu_speed_seen") if k in counters}
         rows.append(row)
     experts.routing_log = None
     return rows

@@ -20,7 +20,7 @@ from engine.checkpoint import Checkpoint
 from engine.experts.ceiling import split_misses, split_streamed
 from engine.experts.combine_kernel import combine, combine_usable
 from engine.experts.compute import cpu_expert_forward, cpu_kernel_for, dequant_expert
-from engine.experts.cpu_rate import CpuRateTracker
+from engine.experts.cpu_rate import CpuRateTracker, predicted_seconds
 from engine.experts.policy import CachePolicy, LRFUPolicy, LRUPolicy, ShiftLRFUPolicy
 from engine.experts.prefetch import SlotPrefetcher
 from engine.experts.profile import MachineProfile
@@ -290,11 +290,14 @@ class OffloadedExperts(ExpertBackend):
         else:
             inputs = [x_host[torch.where((top_idx == e).any(dim=-1))[0]] for e in experts]
 
+        quiet = self.profiles.get(self.layers[layer].device)
+        predicted_s = 0.0 if quiet is None else \
+            predicted_seconds(quiet, host.expert_bytes(), [xs.shape[0] for xs in inputs])
+
         def run() -> list[torch.Tensor]:
             t0 = time.perf_counter()
             outputs = [forward(e, xs) for e, xs in zip(experts, inputs, strict=True)]
-            if x.shape[0] == 1:  # a decode step: its time is the weights' (one token each)
-                self.cpu_rate.observe(len(experts) * host.expert_bytes(), time.perf_counter() - t0)
+            self.cpu_rate.observe(predicted_s, time.perf_counter() - t0)
             return outputs
 
         job = self._cpu_pool.submit(run)
@@ -403,7 +406,7 @@ class OffloadedExperts(ExpertBackend):
                "bytes_copied": self.bytes_copied, "bytes_cpu": self.bytes_cpu,
                "cpu_experts": self.num_cpu_experts, "prefill_ahead_issued": self.num_ahead_issued,
                "prefill_ahead_used": self.num_ahead_used, "wait_routing_s": self.wait_routing_s,
-               "wait_cpu_s": self.wait_cpu_s, "cpu_bytes_per_s_seen": self.cpu_rate.bytes_per_s or 0.0}
+               "wait_cpu_s": self.wait_cpu_s, "cpu_speed_seen": self.cpu_rate.factor or 0.0}
         if self.prefetcher is not None:
             out |= self.prefetcher.counters()
             out["bytes_copied"] += out["bytes_prefetched"]
