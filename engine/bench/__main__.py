@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "if it passes its self-test, else the memory-efficient one)")
     p.add_argument("--cpu-threads", type=int, default=0,
                    help="CPU threads for expert compute (default: one per core, less one on GPU loads "
-                        "for the thread that drives the GPU; engine.experts.cpu_threads)")
+                        "for the thread that drives the GPU; engine.experts.cpu_threads; -1: every "
+                        "core, as before that reservation)")
     p.add_argument("--baseline", choices=("hf", "none"), default="none")
     p.add_argument("--baseline-tokens", type=int, default=3)
     p.add_argument("--out", type=Path, help="also write the JSON here")
@@ -156,8 +157,8 @@ def run(args: argparse.Namespace, save=None) -> dict:
             save(out)
 
     out: dict = {}
-    if args.cpu_threads > 0:
-        cpu_threads.choose(args.cpu_threads)  # before the load measures the CPU's rates
+    if args.cpu_threads:  # before the load measures the CPU's rates
+        cpu_threads.choose(args.cpu_threads)
     if args.attention_kernel != "auto":
         fused_attention.CUDA_KERNELS = (args.attention_kernel,)
     model, folder, plan_summary = load_model(args)

@@ -74,6 +74,15 @@ FULL = [
     ("prefill-24g-efficient", ["--gpu-budget", "24GiB", "--depth", "", "--prefill", "32768,131072",
                                "--attention-kernel", "efficient"],
      [("results.0.avg_ts", ">=", 6000.0, "prefill tok/s at 32K, 24 GiB, memory-efficient attention")]),
+    # A/B of this machine's defaults: every core in the CPU experts' pool (the default leaves
+    # one to the thread driving the GPU, engine.experts.cpu_threads), and prefill chunks twice
+    # as long (each streams a layer's experts once: half the PCIe bytes per token).
+    ("decode-24g-random-all-cores", ["--gpu-budget", "24GiB", "--routing", "random", "--depth", "0",
+                                     "--prefill", "", "--cpu-threads", "-1"],
+     [("results.0.avg_ts", ">=", 25.0, "decode tok/s, random routing, 24 GiB, every core")]),
+    ("prefill-24g-chunk32k", ["--gpu-budget", "24GiB", "--depth", "", "--prefill", "32768,131072",
+                              "--chunk", "32768"],
+     [("results.0.avg_ts", ">=", 6000.0, "prefill tok/s at 32K, 24 GiB, 32K chunks")]),
     ("followup-24g", ["--gpu-budget", "24GiB", "--depth", "", "--prefill", "", "--followup", "100000"],
      [("results.0.ttft_cached_s", "<=", 3.0, "follow-up TTFT on a cached 100K prefix, 24 GiB"),
       ("results.0.speedup", ">=", 20.0, "x faster than re-reading the document"),

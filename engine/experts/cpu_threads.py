@@ -22,9 +22,9 @@ _chosen_by_user = False
 
 
 def choose(threads: int) -> None:
-    """The user's count: kept by every later load."""
+    """The user's count (-1: every core), kept by every later load."""
     global _chosen_by_user
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads if threads > 0 else os.cpu_count() or 1)
     _chosen_by_user = True
 
 

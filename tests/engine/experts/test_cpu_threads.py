@@ -28,6 +28,10 @@ def test_a_gpu_load_leaves_one_core_to_the_thread_driving_the_gpu(pool):
 
 
 def test_a_count_the_user_chose_is_kept(pool, monkeypatch):
+    cpu_threads.choose(3)
+    assert pool["threads"] == 3
+    cpu_threads.choose(-1)  # every core
+    assert pool["threads"] == 16
     cpu_threads.choose(16)
     cpu_threads.leave_one_core_to_the_gpu()
     assert pool["threads"] == 16
