@@ -30,8 +30,8 @@ COMPILE_TIMEOUT_S = 120
 # QUIRE_CPU_KERNELS=off: PyTorch paths only (a baseline for the benchmark, or a way around a
 # kernel suspected of a problem). QUIRE_KERNEL_CACHE: another folder for the built libraries.
 DISABLE_ENV, CACHE_ENV = "QUIRE_CPU_KERNELS", "QUIRE_KERNEL_CACHE"
-NATIVE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11")
-PORTABLE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=gnu11", "-DQUIRE_PORTABLE")
+NATIVE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11", "-pthread")
+PORTABLE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=gnu11", "-pthread", "-DQUIRE_PORTABLE")
 LIBRARIES = ("-lm",)  # after the source, as linkers want them
 
 

@@ -11,6 +11,7 @@
  * H200 machine's Xeon. No -ffast-math: the requantisation must equal PyTorch's fp32 arithmetic.
  */
 #include "cpu_simd.h"
+#include "cpu_pool.h"
 
 #define TWO_TO_MINUS_9 0.001953125f
 #define REBIAS (120u << 23) /* E4M3's exponent bias 7 -> fp32's 127, at fp32 bits 20-26 */
@@ -155,4 +156,48 @@ void quire_fp8_dequantize_rows(const uint8_t *w, int64_t row_bytes, int64_t K, f
             if (bf16) out16[k] = to_bf16(v); else out32[k] = v;
         }
     }
+}
+
+
+/* Whole matrices: rows [0, N) in spans of `step` on up to `threads` threads (cpu_pool.h), one
+ * call from Python per matrix. */
+struct fp8_matmul_args {
+    const uint8_t *w; int64_t row_bytes, K; float scale; const float *x; int64_t M; float *y; int64_t N;
+};
+struct fp8_requantize_args {
+    const uint8_t *w; int64_t row_bytes, K; int8_t *out; int64_t out_row; float *peaks;
+};
+struct fp8_dequantize_args { const uint8_t *w; int64_t row_bytes, K; float scale; void *out; int bf16; };
+
+static void fp8_matmul_span(const void *args, int64_t r0, int64_t r1) {
+    const struct fp8_matmul_args *a = args;
+    quire_fp8_matmul_rows(a->w, a->row_bytes, a->K, a->scale, a->x, a->M, a->y, a->N, r0, r1);
+}
+
+static void fp8_requantize_span(const void *args, int64_t r0, int64_t r1) {
+    const struct fp8_requantize_args *a = args;
+    quire_fp8_requantize_int8_rows(a->w, a->row_bytes, a->K, a->out, a->out_row, a->peaks, r0, r1);
+}
+
+static void fp8_dequantize_span(const void *args, int64_t r0, int64_t r1) {
+    const struct fp8_dequantize_args *a = args;
+    quire_fp8_dequantize_rows(a->w, a->row_bytes, a->K, a->scale, a->out, a->bf16, r0, r1);
+}
+
+void quire_fp8_matmul(const uint8_t *w, int64_t row_bytes, int64_t K, float scale, const float *x,
+                      int64_t M, float *y, int64_t N, int threads, int64_t step) {
+    struct fp8_matmul_args a = {w, row_bytes, K, scale, x, M, y, N};
+    pool_run(threads, N, step, fp8_matmul_span, &a);
+}
+
+void quire_fp8_requantize_int8(const uint8_t *w, int64_t row_bytes, int64_t K, int8_t *out,
+                               int64_t out_row, float *peaks, int64_t N, int threads, int64_t step) {
+    struct fp8_requantize_args a = {w, row_bytes, K, out, out_row, peaks};
+    pool_run(threads, N, step, fp8_requantize_span, &a);
+}
+
+void quire_fp8_dequantize(const uint8_t *w, int64_t row_bytes, int64_t K, float scale, void *out,
+                          int bf16, int64_t N, int threads, int64_t step) {
+    struct fp8_dequantize_args a = {w, row_bytes, K, scale, out, bf16};
+    pool_run(threads, N, step, fp8_dequantize_span, &a);
 }

@@ -23,31 +23,32 @@ from pathlib import Path
 import torch
 
 from engine import native_build
-from engine.experts.cpu_rows import check_inputs, over_rows
+from engine.experts.cpu_rows import check_inputs, spans
 from engine.quant import FP8_DTYPE
 
 SOURCE = Path(__file__).with_name("fp8_cpu.c")
 # Tokens up to which `matmul` beats `dequantize` and PyTorch's matmul (measured per expert on 2
 # cores at the real shapes: 8 against 26 ms at 8 tokens, 33 against 23 ms at 16).
 MAX_MATMUL_TOKENS = 12
-_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_I64, _INT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 
 
 class Kernel:
     """The loaded library, with its function's signature declared."""
 
-    VERSION = "cpu-kernel-1"  # in stored machine profiles' keys: a new kernel is measured again
+    VERSION = "cpu-kernel-2"  # in stored machine profiles' keys: a new kernel is measured again
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.simd = bool(lib.quire_fp8_simd())
-        self._matmul = lib.quire_fp8_matmul_rows
-        self._matmul.argtypes = [_PTR, _I64, _I64, ctypes.c_float, _PTR, _I64, _PTR, _I64, _I64, _I64]
+        # Whole matrices; the last three arguments: rows, threads, rows a span (cpu_rows.spans).
+        self._matmul = lib.quire_fp8_matmul
+        self._matmul.argtypes = [_PTR, _I64, _I64, ctypes.c_float, _PTR, _I64, _PTR, _I64, _INT, _I64]
         self._matmul.restype = None
-        self._dequantize = lib.quire_fp8_dequantize_rows
-        self._dequantize.argtypes = [_PTR, _I64, _I64, ctypes.c_float, _PTR, ctypes.c_int, _I64, _I64]
+        self._dequantize = lib.quire_fp8_dequantize
+        self._dequantize.argtypes = [_PTR, _I64, _I64, ctypes.c_float, _PTR, _INT, _I64, _INT, _I64]
         self._dequantize.restype = None
-        self._requantize = lib.quire_fp8_requantize_int8_rows
-        self._requantize.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64]
+        self._requantize = lib.quire_fp8_requantize_int8
+        self._requantize.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _INT, _I64]
         self._requantize.restype = None
 
     def matmul(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
@@ -62,8 +63,8 @@ class Kernel:
         xs = x.to(torch.float32).contiguous()
         y = torch.empty(m, n, dtype=torch.float32)
         raw = weight.view(torch.uint8)
-        over_rows(n, lambda r0, r1: self._matmul(raw.data_ptr(), raw.stride(0), k, float(scale),
-                                                 xs.data_ptr(), m, y.data_ptr(), n, r0, r1))
+        self._matmul(raw.data_ptr(), raw.stride(0), k, float(scale), xs.data_ptr(), m, y.data_ptr(),
+                     n, *spans(n))
         return y
 
 
@@ -78,8 +79,8 @@ class Kernel:
         raw = weight.view(torch.uint8)
         out = torch.empty(n, k, dtype=dtype)
         as_bf16 = int(dtype == torch.bfloat16)
-        over_rows(n, lambda r0, r1: self._dequantize(raw.data_ptr(), raw.stride(0), k, float(scale),
-                                                     out.data_ptr(), as_bf16, r0, r1))
+        self._dequantize(raw.data_ptr(), raw.stride(0), k, float(scale), out.data_ptr(), as_bf16,
+                         n, *spans(n))
         return out
 
     def requantize_int8(self, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -92,8 +93,8 @@ class Kernel:
         n, k = weight.shape
         raw = weight.view(torch.uint8)
         peaks = torch.empty(n, dtype=torch.float32)
-        over_rows(n, lambda r0, r1: self._requantize(raw.data_ptr(), raw.stride(0), k, out.data_ptr(),
-                                                     out.stride(0), peaks.data_ptr(), r0, r1))
+        self._requantize(raw.data_ptr(), raw.stride(0), k, out.data_ptr(), out.stride(0),
+                         peaks.data_ptr(), n, *spans(n))
         return peaks
 
 

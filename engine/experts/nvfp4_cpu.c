@@ -8,6 +8,7 @@
  * disagree with it. No -ffast-math: the dequantisation must equal PyTorch's fp32 arithmetic.
  */
 #include "cpu_simd.h"
+#include "cpu_pool.h"
 
 #if !QUIRE_SIMD
 static const float E2M1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
@@ -155,4 +156,40 @@ void quire_nvfp4_dequantize_rows(const uint8_t *blob, int64_t row_bytes, int64_t
 #endif
         }
     }
+}
+
+/* Whole matrices: rows [0, N) in spans of `step` on up to `threads` threads (cpu_pool.h), one
+ * call from Python per matrix. */
+struct nvfp4_matmul_args {
+    const uint8_t *blob; int64_t row_bytes, K; const float *divisors, *e4m3, *xp; int64_t M;
+    float *y; int64_t N;
+};
+struct nvfp4_dequantize_args {
+    const uint8_t *blob; int64_t row_bytes, K; const float *divisors, *e4m3; void *out; int bf16;
+};
+
+static void nvfp4_matmul_span(const void *args, int64_t r0, int64_t r1) {
+    const struct nvfp4_matmul_args *a = args;
+    quire_nvfp4_matmul_rows(a->blob, a->row_bytes, a->K, a->divisors, a->e4m3, a->xp, a->M, a->y,
+                            a->N, r0, r1);
+}
+
+static void nvfp4_dequantize_span(const void *args, int64_t r0, int64_t r1) {
+    const struct nvfp4_dequantize_args *a = args;
+    quire_nvfp4_dequantize_rows(a->blob, a->row_bytes, a->K, a->divisors, a->e4m3, a->out, a->bf16,
+                                r0, r1);
+}
+
+void quire_nvfp4_matmul(const uint8_t *blob, int64_t row_bytes, int64_t K, const float *divisors,
+                        const float *e4m3, const float *xp, int64_t M, float *y, int64_t N,
+                        int threads, int64_t step) {
+    struct nvfp4_matmul_args a = {blob, row_bytes, K, divisors, e4m3, xp, M, y, N};
+    pool_run(threads, N, step, nvfp4_matmul_span, &a);
+}
+
+void quire_nvfp4_dequantize(const uint8_t *blob, int64_t row_bytes, int64_t K,
+                            const float *divisors, const float *e4m3, void *out, int bf16,
+                            int64_t N, int threads, int64_t step) {
+    struct nvfp4_dequantize_args a = {blob, row_bytes, K, divisors, e4m3, out, bf16};
+    pool_run(threads, N, step, nvfp4_dequantize_span, &a);
 }

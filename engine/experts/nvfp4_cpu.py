@@ -8,7 +8,7 @@ Two entry points, both over an expert matrix's blob and per-row divisors:
     into their values at a time, so the weights are read once and never expanded in memory;
   - `dequantize`: the matrix in bf16 or fp32, bit for bit engine.experts.nvfp4.dequantize, for
     many tokens at once (a prefill chunk's), where PyTorch's own matmul then does the work.
-Rows are split over threads by engine.experts.cpu_rows.
+Rows are split over the kernel's own threads (engine/experts/cpu_pool.h, engine.experts.cpu_rows).
 The library is self-tested against PyTorch when first loaded; if it disagrees, or no compiler
 exists, `available()` is False and callers keep the PyTorch path.
 Glossary: M tokens, N output rows, K inputs.
@@ -24,7 +24,7 @@ import torch
 
 from engine import native_build
 from engine.experts import nvfp4
-from engine.experts.cpu_rows import check_inputs, over_rows
+from engine.experts.cpu_rows import check_inputs, spans
 from engine.quant import FP8_DTYPE
 
 SOURCE = Path(__file__).with_name("nvfp4_cpu.c")
@@ -32,21 +32,22 @@ SOURCE = Path(__file__).with_name("nvfp4_cpu.c")
 # the weights per 8 tokens; measured per expert on 2 cores at the real shapes: 9.7 against
 # 17.7 ms at 16 tokens, 25 against 19 ms at 32).
 MAX_MATMUL_TOKENS = 16
-_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_I64, _INT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 
 
 class Kernel:
     """The loaded library, with its functions' signatures declared."""
 
-    VERSION = "cpu-kernel-1"  # in stored machine profiles' keys: a new kernel is measured again
+    VERSION = "cpu-kernel-2"  # in stored machine profiles' keys: a new kernel is measured again
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.simd = bool(lib.quire_nvfp4_simd())
-        self._matmul = lib.quire_nvfp4_matmul_rows
-        self._matmul.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64]
+        # Whole matrices; the last three arguments: rows, threads, rows a span (cpu_rows.spans).
+        self._matmul = lib.quire_nvfp4_matmul
+        self._matmul.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _INT, _I64]
         self._matmul.restype = None
-        self._dequantize = lib.quire_nvfp4_dequantize_rows
-        self._dequantize.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, ctypes.c_int, _I64, _I64]
+        self._dequantize = lib.quire_nvfp4_dequantize
+        self._dequantize.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _INT, _I64, _INT, _I64]
         self._dequantize.restype = None
 
     def matmul(self, x: torch.Tensor, blob: torch.Tensor, divisors: torch.Tensor) -> torch.Tensor:
@@ -59,9 +60,8 @@ class Kernel:
         xp = x.to(torch.float32).reshape(m, k // nvfp4.GROUP, 8, 2).transpose(2, 3).contiguous()
         y = torch.empty(m, n, dtype=torch.float32)
         table = _e4m3()
-        over_rows(n, lambda r0, r1: self._matmul(
-            raw.data_ptr(), raw.stride(0), k, div.data_ptr(), table.data_ptr(), xp.data_ptr(), m,
-            y.data_ptr(), n, r0, r1))
+        self._matmul(raw.data_ptr(), raw.stride(0), k, div.data_ptr(), table.data_ptr(), xp.data_ptr(),
+                     m, y.data_ptr(), n, *spans(n))
         return y
 
     def dequantize(self, blob: torch.Tensor, divisors: torch.Tensor,
@@ -74,9 +74,8 @@ class Kernel:
         out = torch.empty(n, k, dtype=dtype)
         as_bf16 = int(dtype == torch.bfloat16)
         table = _e4m3()
-        over_rows(n, lambda r0, r1: self._dequantize(
-            raw.data_ptr(), raw.stride(0), k, div.data_ptr(), table.data_ptr(), out.data_ptr(),
-            as_bf16, r0, r1))
+        self._dequantize(raw.data_ptr(), raw.stride(0), k, div.data_ptr(), table.data_ptr(),
+                         out.data_ptr(), as_bf16, n, *spans(n))
         return out
 
 
