@@ -10,7 +10,8 @@ input), a 2-D grid (row blocks, experts) for the grouped API, as in fp8_kernel.p
 
 Each program owns BLOCK_N rows of the blob (row-major: a row's K/2 code bytes, then its K/16
 scale bytes) and steps through K by GROUPS groups of 16 inputs, each group one [BLOCK_N, 16]
-byte tile (a row's 8 code bytes, each read for both its nibbles) and one scale byte a row.
+byte tile (a row's 8 code bytes twice: low nibbles, then high, the inputs read in that order)
+and one scale byte a row.
 Per group and row n,
     x . w = e4m3(scale) * (x . e2m1(codes)) / d[n],
 so the dot runs on E2M1 values (exact in bf16; each product with a bf16 activation exact in
@@ -110,15 +111,17 @@ if TRITON_IMPORTED:  # decorating is cheap; tests also compile it for sm_90 with
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         m_mask = offs_m[:, None] < M
-        x_rows = x_ptr + e * stride_xe + offs_m[:, None] * stride_xm + tl.arange(0, GROUP)[None, :]
-        rows = w_ptr + slot * stride_ws + offs_n * stride_wn  # [BN]: each row's first byte
-        # [BN, GROUP]: each code byte read twice, once per input it holds; the low nibble is the
-        # even column (K's order). Not tl.join + tl.reshape of the two nibbles: on the H200
-        # (Triton 3.6) a dot fed by that reshape computed garbage (rel. error 1.4), while the
-        # reshape alone, stored, was right.
+        # A group's 16 inputs are taken as its 8 even columns, then its 8 odd ones: the low
+        # nibbles of its 8 code bytes, then the same bytes' high nibbles. So the weights are two
+        # 8-byte runs a row (vector loads) and x is read in the matching order. Not tl.join +
+        # tl.reshape of the nibbles into K's order: on the H200 (Triton 3.6) a dot fed by that
+        # reshape computed garbage (rel. error 1.4), while the reshape alone, stored, was right.
         cols = tl.arange(0, GROUP)
-        codes = rows[:, None] + (cols // 2)[None, :]
-        shifts = ((cols % 2) * 4).to(tl.uint32)[None, :]
+        order = 2 * (cols % HALF) + cols // HALF  # input column of each dot position
+        x_rows = x_ptr + e * stride_xe + offs_m[:, None] * stride_xm + order[None, :]
+        rows = w_ptr + slot * stride_ws + offs_n * stride_wn  # [BN]: each row's first byte
+        codes = rows[:, None] + (cols % HALF)[None, :]  # [BN, GROUP]: each code byte twice
+        shifts = ((cols // HALF) * 4).to(tl.uint32)[None, :]  # low nibbles, then high
         scales = rows + K // 2  # [BN]: each row's first scale byte
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # builtins only, see GATED
         for g0 in range(0, K // GROUP, GROUPS):
