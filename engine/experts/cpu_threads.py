@@ -6,7 +6,8 @@ synchronisations; with every core also in PyTorch's pool, one pool thread waits 
 each parallel region's barrier. Seen on the H200 machine (16 cores) with one other busy
 process: int8 experts at 1.6 GB/s with 16 threads against 17-54 GB/s with 8. So a GPU load
 leaves one core to the decode thread, unless the user chose a count (`--cpu-threads`, or
-OMP_NUM_THREADS in the environment).
+OMP_NUM_THREADS in the environment). PyTorch's pool defaults to the physical cores, so a
+machine with hyper-threads keeps its pool: the decode thread already has a logical CPU of its own.
 """
 
 from __future__ import annotations
