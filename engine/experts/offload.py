@@ -75,7 +75,7 @@ class OffloadedExperts(ExpertBackend):
         # step's misses (and a short prefill chunk's streamed experts) are split so that PCIe
         # copies and CPU compute finish together; without it, admission alone decides.
         self.profiles: dict[torch.device, MachineProfile] = {}
-        self.cpu_rate = CpuRateTracker()  # what decode's CPU jobs achieve, beside the profile
+        self.cpu_rate = CpuRateTracker()  # what the CPU jobs achieve, beside the profile
         self._buffers: dict[torch.device, StagingBuffers] = {}
         self.bytes_copied = 0
         self.bytes_cpu = 0
@@ -254,7 +254,7 @@ class OffloadedExperts(ExpertBackend):
                 for e in misses]
 
     def _profile(self, layer: int) -> MachineProfile | None:
-        """The measured rates of the layer's GPU (None on CPU loads), the CPU's as decode's
+        """The measured rates of the layer's GPU (None on CPU loads), the CPU's as its
         jobs achieve them (engine.experts.cpu_rate)."""
         p = self.profiles.get(self.layers[layer].device)
         return None if p is None else self.cpu_rate.adjusted(p)
