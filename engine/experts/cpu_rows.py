@@ -4,9 +4,24 @@ the check of what they read as inputs."""
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 MIN_ROWS_PER_THREAD = 64  # below this a thread's hand-off costs more than its rows
+
+
+I64, INT, PTR, FLOAT = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
+
+
+def bind(lib: ctypes.CDLL, name: str, *leading: type) -> ctypes._CFuncPtr:
+    """A whole-matrix entry point of a kernel library with its signature declared: `leading`
+    arguments, then the three every such function ends with (rows, threads, rows a span: the
+    numbers `spans` gives); it returns nothing."""
+    function = getattr(lib, name)
+    function.argtypes = [*leading, I64, INT, I64]
+    function.restype = None
+    return function
 
 
 def spans(n: int) -> tuple[int, int]:

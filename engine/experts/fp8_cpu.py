@@ -23,14 +23,13 @@ from pathlib import Path
 import torch
 
 from engine import native_build
-from engine.experts.cpu_rows import check_inputs, spans
+from engine.experts.cpu_rows import FLOAT, I64, INT, PTR, bind, check_inputs, spans
 from engine.quant import FP8_DTYPE
 
 SOURCE = Path(__file__).with_name("fp8_cpu.c")
 # Tokens up to which `matmul` beats `dequantize` and PyTorch's matmul (measured per expert on 2
 # cores at the real shapes: 8 against 26 ms at 8 tokens, 33 against 23 ms at 16).
 MAX_MATMUL_TOKENS = 12
-_I64, _INT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 
 
 class Kernel:
@@ -40,16 +39,9 @@ class Kernel:
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.simd = bool(lib.quire_fp8_simd())
-        # Whole matrices; the last three arguments: rows, threads, rows a span (cpu_rows.spans).
-        self._matmul = lib.quire_fp8_matmul
-        self._matmul.argtypes = [_PTR, _I64, _I64, ctypes.c_float, _PTR, _I64, _PTR, _I64, _INT, _I64]
-        self._matmul.restype = None
-        self._dequantize = lib.quire_fp8_dequantize
-        self._dequantize.argtypes = [_PTR, _I64, _I64, ctypes.c_float, _PTR, _INT, _I64, _INT, _I64]
-        self._dequantize.restype = None
-        self._requantize = lib.quire_fp8_requantize_int8
-        self._requantize.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _INT, _I64]
-        self._requantize.restype = None
+        self._matmul = bind(lib, "quire_fp8_matmul", PTR, I64, I64, FLOAT, PTR, I64, PTR)
+        self._dequantize = bind(lib, "quire_fp8_dequantize", PTR, I64, I64, FLOAT, PTR, INT)
+        self._requantize = bind(lib, "quire_fp8_requantize_int8", PTR, I64, I64, PTR, I64, PTR)
 
     def matmul(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
         """x [M, K] (any float dtype) @ (weight x scale)^T -> [M, N] fp32; weight FP8 [N, K] on

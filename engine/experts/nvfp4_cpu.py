@@ -24,7 +24,7 @@ import torch
 
 from engine import native_build
 from engine.experts import nvfp4
-from engine.experts.cpu_rows import check_inputs, spans
+from engine.experts.cpu_rows import I64, INT, PTR, bind, check_inputs, spans
 from engine.quant import FP8_DTYPE
 
 SOURCE = Path(__file__).with_name("nvfp4_cpu.c")
@@ -32,7 +32,6 @@ SOURCE = Path(__file__).with_name("nvfp4_cpu.c")
 # the weights per 8 tokens; measured per expert on 2 cores at the real shapes: 9.7 against
 # 17.7 ms at 16 tokens, 25 against 19 ms at 32).
 MAX_MATMUL_TOKENS = 16
-_I64, _INT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 
 
 class Kernel:
@@ -42,13 +41,8 @@ class Kernel:
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.simd = bool(lib.quire_nvfp4_simd())
-        # Whole matrices; the last three arguments: rows, threads, rows a span (cpu_rows.spans).
-        self._matmul = lib.quire_nvfp4_matmul
-        self._matmul.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _INT, _I64]
-        self._matmul.restype = None
-        self._dequantize = lib.quire_nvfp4_dequantize
-        self._dequantize.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _INT, _I64, _INT, _I64]
-        self._dequantize.restype = None
+        self._matmul = bind(lib, "quire_nvfp4_matmul", PTR, I64, I64, PTR, PTR, PTR, I64, PTR)
+        self._dequantize = bind(lib, "quire_nvfp4_dequantize", PTR, I64, I64, PTR, PTR, PTR, INT)
 
     def matmul(self, x: torch.Tensor, blob: torch.Tensor, divisors: torch.Tensor) -> torch.Tensor:
         """x [M, K] (any float dtype) @ w^T -> [M, N] fp32, w the blob's matrix."""

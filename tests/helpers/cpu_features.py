@@ -15,3 +15,19 @@ def has_avx2_and_fma() -> bool:
     except OSError:
         return False
     return "avx2" in flags and "fma" in flags
+
+
+def built_kernel(module, variant: str, cache_dir):
+    """A C kernel module's library built as `variant` ("native" or "portable") into cache_dir,
+    checked to have built, passed its self-test and taken the AVX2 paths exactly where it may;
+    the calling test is skipped without a C compiler."""
+    import pytest
+
+    from engine import native_build
+
+    if native_build.compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    built = module.load(portable=variant == "portable", cache_dir=cache_dir)
+    assert built is not None, "the kernel failed to build or its self-test"
+    assert built.simd == (variant == "native" and has_avx2_and_fma())
+    return built

@@ -12,7 +12,7 @@ import torch
 from engine import native_build
 from engine.experts import compute, dequant_kernel, fp8_cpu, store
 from engine.quant import FP8_DTYPE
-from tests.helpers.cpu_features import has_avx2_and_fma
+from tests.helpers.cpu_features import built_kernel
 
 # Rows split over three threads (spans of uneven length), whatever the machine's count.
 pytestmark = pytest.mark.usefixtures("three_cpu_threads")
@@ -23,12 +23,7 @@ PRODUCT_RTOL = 1e-5  # of the largest product: fp32 sums in another order, over 
 
 @pytest.fixture(scope="module", params=["native", "portable"])
 def kernel(request, tmp_path_factory) -> fp8_cpu.Kernel:
-    if native_build.compiler() is None:
-        pytest.skip("no C compiler on this machine")
-    built = fp8_cpu.load(portable=request.param == "portable", cache_dir=tmp_path_factory.mktemp("kernels"))
-    assert built is not None, "the kernel failed to build or its self-test"
-    assert built.simd == (request.param == "native" and has_avx2_and_fma())
-    return built
+    return built_kernel(fp8_cpu, request.param, tmp_path_factory.mktemp("kernels"))
 
 
 def _relative_error(y: torch.Tensor, expected: torch.Tensor) -> float:

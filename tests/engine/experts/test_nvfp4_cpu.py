@@ -13,7 +13,7 @@ import torch
 
 from engine import native_build
 from engine.experts import compute, dequant_kernel, nvfp4, nvfp4_cpu
-from tests.helpers.cpu_features import has_avx2_and_fma
+from tests.helpers.cpu_features import built_kernel
 
 # Rows split over three threads (spans of uneven length), whatever the machine's count.
 pytestmark = pytest.mark.usefixtures("three_cpu_threads")
@@ -35,12 +35,7 @@ def _blob(n: int, k: int, seed: int = 0, row_stride: int | None = None):
 
 @pytest.fixture(scope="module", params=["native", "portable"])
 def kernel(request, tmp_path_factory) -> nvfp4_cpu.Kernel:
-    if native_build.compiler() is None:
-        pytest.skip("no C compiler on this machine")
-    built = nvfp4_cpu.load(portable=request.param == "portable", cache_dir=tmp_path_factory.mktemp("kernels"))
-    assert built is not None, "the kernel failed to build or its self-test"
-    assert built.simd == (request.param == "native" and has_avx2_and_fma())
-    return built
+    return built_kernel(nvfp4_cpu, request.param, tmp_path_factory.mktemp("kernels"))
 
 
 # K: 3 groups (the vector loop's odd tail), 64; N: one row, rows that do not split evenly over
